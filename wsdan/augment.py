@@ -1,0 +1,195 @@
+"""Attention-guided data augmentation for a whole batch (algorithm.md §3).
+
+Everything is batched tensor code: no per-sample Python loop and no host sync (no
+``.item()``, ``.tolist()`` or data-dependent Python branching), and every random draw takes
+a ``torch.Generator`` so that a seed reproduces a step exactly.
+
+Boxes are integer pixel boxes ``(x0, y0, x1, y1)`` with exclusive ends, i.e. the crop of
+image b is ``images[b, :, y0:y1, x0:x1]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AugmentedBatch(NamedTuple):
+    crop_images: Tensor  # B×3×H×W
+    drop_images: Tensor  # B×3×H×W
+    crop_boxes: Tensor  # B×4 long, (x0, y0, x1, y1)
+    crop_index: Tensor  # B, attention map used for cropping
+    drop_index: Tensor  # B, attention map used for dropping
+    crop_theta: Tensor  # B
+    drop_theta: Tensor  # B
+
+
+def sample_attention_indices(
+    attentions: Tensor, num_samples: int, generator: torch.Generator | None, eps: float = 1e-12
+) -> Tensor:
+    """Draw map indices per image with weights ∝ sqrt(mean_hw A_k + eps) (algorithm.md §3.1).
+
+    Args:
+        attentions: A, B×M×h×w (detached here).
+    Returns:
+        B×num_samples long indices, drawn with replacement.
+    """
+    weights = torch.sqrt(attentions.detach().mean(dim=(2, 3)).clamp(min=0) + eps)  # B×M
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+
+
+def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of B×h×w maps to B×H×W (align_corners=False)."""
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def threshold_mask(maps_up: Tensor, theta: Tensor) -> Tensor:
+    """mask = Â ≥ θ·max(Â), the max taken over the *same* upsampled map. B×H×W bool."""
+    peak = maps_up.flatten(1).amax(dim=1)  # B
+    return maps_up >= (theta * peak)[:, None, None]
+
+
+def _first_true(x: Tensor) -> Tensor:
+    """Index of the first True along the last dim (0 when none)."""
+    return x.to(torch.uint8).argmax(dim=-1)
+
+
+def mask_to_boxes(mask: Tensor, padding: float) -> Tensor:
+    """Tight box of each mask, padded by ``padding``·H (·W) on each side, clipped.
+
+    An empty mask gives the whole image. Args: mask B×H×W bool. Returns B×4 long
+    (x0, y0, x1, y1), ends exclusive.
+    """
+    _, h, w = mask.shape
+    rows = mask.any(dim=2)  # B×H
+    cols = mask.any(dim=1)  # B×W
+    y_first = _first_true(rows)
+    y_last = h - 1 - _first_true(rows.flip(-1))
+    x_first = _first_true(cols)
+    x_last = w - 1 - _first_true(cols.flip(-1))
+    pad_y, pad_x = int(padding * h), int(padding * w)  # Python ints from shapes: no sync
+    y0 = (y_first - pad_y).clamp(min=0)
+    y1 = (y_last + 1 + pad_y).clamp(max=h)
+    x0 = (x_first - pad_x).clamp(min=0)
+    x1 = (x_last + 1 + pad_x).clamp(max=w)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    full = torch.tensor([0, 0, w, h], device=mask.device, dtype=boxes.dtype)
+    empty = ~rows.any(dim=1)  # B
+    return torch.where(empty[:, None], full, boxes)
+
+
+def _resize_weights(start: Tensor, length: Tensor, out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Source rows and weights of bilinear resizing (align_corners=False) of a 1-D window.
+
+    Same arithmetic as ``F.interpolate(..., mode="bilinear", align_corners=False)`` applied
+    to the window ``[start, start + length)``: src = (i + 0.5)·length/out − 0.5, clamped
+    at 0, with the upper neighbour clamped to the window. Returns absolute indices lo, hi
+    (B×out long) and the weight of hi (B×out float).
+    """
+    i = torch.arange(out, device=start.device, dtype=torch.float32)
+    scale = length.to(torch.float32)[:, None] / out  # B×1
+    src = ((i + 0.5) * scale - 0.5).clamp(min=0)  # B×out, relative to the window
+    lo = src.floor().to(torch.long)
+    lo = torch.minimum(lo, length[:, None] - 1)
+    hi = torch.minimum(lo + 1, length[:, None] - 1)
+    lam = src - lo.to(src.dtype)
+    return start[:, None] + lo, start[:, None] + hi, lam
+
+
+def crop_and_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop every image to its box and resize it to ``size`` (bilinear), in one batched op.
+
+    Equal (to float rounding) to ``F.interpolate(images[b:b+1, :, y0:y1, x0:x1], size,
+    mode="bilinear", align_corners=False)`` per image, but separable and gather-based, so it
+    runs for the whole batch without a loop or a host sync.
+
+    Args:
+        images: B×C×H×W. boxes: B×4 long (x0, y0, x1, y1), ends exclusive, non-empty.
+    Returns:
+        B×C×size[0]×size[1].
+    """
+    b, c, h, w = images.shape
+    out_h, out_w = size
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    y_lo, y_hi, ly = _resize_weights(y0, y1 - y0, out_h)  # B×out_h
+    x_lo, x_hi, lx = _resize_weights(x0, x1 - x0, out_w)  # B×out_w
+    # Rows first: B×C×out_h×W.
+    idx = y_lo[:, None, :, None].expand(b, c, out_h, w)
+    top = images.gather(2, idx)
+    bottom = images.gather(2, y_hi[:, None, :, None].expand(b, c, out_h, w))
+    ly = ly[:, None, :, None].to(images.dtype)
+    rows = top + (bottom - top) * ly
+    # Then columns: B×C×out_h×out_w.
+    left = rows.gather(3, x_lo[:, None, None, :].expand(b, c, out_h, out_w))
+    right = rows.gather(3, x_hi[:, None, None, :].expand(b, c, out_h, out_w))
+    lx = lx[:, None, None, :].to(images.dtype)
+    return left + (right - left) * lx
+
+
+def attention_crop(
+    images: Tensor, maps: Tensor, theta: Tensor, padding: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """Attention cropping (algorithm.md §3.2).
+
+    Args:
+        images: B×3×H×W. maps: B×h×w, one attention map per image. theta: B thresholds.
+    Returns:
+        (crops B×3×H×W resized back to the input size, boxes B×4 long).
+    """
+    h, w = images.shape[-2:]
+    mask = threshold_mask(upsample_maps(maps, (h, w)), theta)
+    boxes = mask_to_boxes(mask, padding)
+    return crop_and_resize(images, boxes, (h, w)), boxes
+
+
+def attention_drop(images: Tensor, maps: Tensor, theta: Tensor, fill: Tensor | None = None) -> Tensor:
+    """Attention dropping (algorithm.md §3.3): erase pixels where Â ≥ θ·max(Â).
+
+    ``fill`` (3 values) is what erased pixels become; the model's normalisation mean makes
+    them zero after normalisation, as in the public codes, which drop normalised input.
+    """
+    h, w = images.shape[-2:]
+    keep = ~threshold_mask(upsample_maps(maps, (h, w)), theta)  # B×H×W
+    keep = keep[:, None].to(images.dtype)
+    if fill is None:
+        return images * keep
+    return images * keep + fill.view(1, -1, 1, 1).to(images.dtype) * (1 - keep)
+
+
+def _uniform(b: int, low: float, high: float, like: Tensor, generator) -> Tensor:
+    u = torch.rand(b, generator=generator, device=like.device, dtype=torch.float32)
+    return low + (high - low) * u
+
+
+def augment_batch(
+    images: Tensor,
+    attentions: Tensor,
+    *,
+    generator: torch.Generator | None,
+    crop_theta: tuple[float, float] = (0.4, 0.6),
+    drop_theta: tuple[float, float] = (0.2, 0.5),
+    crop_padding: float = 0.1,
+    fill: Tensor | None = None,
+) -> AugmentedBatch:
+    """Pick one map per image for cropping and one for dropping, then crop and drop.
+
+    Args:
+        images: B×3×H×W training images (model input scale).
+        attentions: A, B×M×h×w from the raw pass; detached here, so no gradient flows
+            through the map selection or the masks.
+        generator: the step's generator (same device as the images).
+    """
+    attentions = attentions.detach()
+    b = images.shape[0]
+    idx = sample_attention_indices(attentions, 2, generator)  # B×2
+    crop_idx, drop_idx = idx[:, 0], idx[:, 1]
+    ar = torch.arange(b, device=images.device)
+    theta_c = _uniform(b, *crop_theta, images, generator)
+    theta_d = _uniform(b, *drop_theta, images, generator)
+    crops, boxes = attention_crop(images, attentions[ar, crop_idx], theta_c, crop_padding)
+    drops = attention_drop(images, attentions[ar, drop_idx], theta_d, fill)
+    return AugmentedBatch(crops, drops, boxes, crop_idx, drop_idx, theta_c, theta_d)

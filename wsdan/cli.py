@@ -1,0 +1,52 @@
+"""The ``wsdan`` command line: one entry point for the project's jobs.
+
+Each sub-command forwards its arguments to the job module's own parser, so
+``wsdan pretrain --help`` and ``python -m jobs.pretrain --help`` say the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("jobs.generate_data", "write the generated fine-grained data set to a folder"),
+    "pretrain": ("jobs.pretrain", "pretrain the stand-in backbone on the generated coarse task"),
+    "train-local": ("jobs.train_local", "train WS-DAN in one process on the generated data set"),
+    "bench-step": ("jobs.bench_step", "benchmark one training step against the backbone"),
+    "bench-learning": ("jobs.bench_learning", "WS-DAN vs plain fine-tuning on generated data"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="wsdan",
+        description="WS-DAN fine-grained classification (Hu et al. 2019), trained at scale.",
+        epilog="Run 'wsdan COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        from wsdan import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    job_parser = module.get_args_parser()
+    job_parser.prog = f"wsdan {argv[0]}"
+    module.main(job_parser.parse_args(argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
