@@ -1,14 +1,15 @@
-"""Pretrain a plain backbone on the generated data set's coarse task.
+"""Pretrain a plain backbone on the generated glyph task (stand-in for ImageNet).
 
 No ImageNet weights can be downloaded on the machines this project is developed on; WS-DAN
 fine-tunes a pretrained backbone and its attention means little on random features. This
-job makes the stand-in: a plain classifier (backbone + GAP + linear) learns the *coarse*
-labels of a separately seeded generated set (body family × wing-glyph shape; independent
-of the fine-grained labels), and the backbone's state dict is written to a local path or
-``s3://`` URI, to be loaded with ``model.weights=`` like a user's ImageNet weights.
+job makes the stand-in: a plain classifier (backbone + GAP + linear) learns the
+object-centric glyph task of ``wsdan.data.synthetic_pretrain`` (glyph shape × pattern, 30
+classes, no birds; see that module for why and what it does not teach), and the
+backbone's state dict is written to a local path or ``s3://`` URI, to be loaded with
+``model.weights=`` like a user's ImageNet weights.
 
     python -m jobs.pretrain --config jobs/configs/pretrain_synthetic.yaml \
-        --out .wsdan/weights/resnet18_layer3_synthetic_coarse.pt
+        --out .wsdan/weights/resnet18_layer3_glyphs.pt
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import time
 
 from wsdan import storage
 from wsdan.config import TrainConfig
-from wsdan.data.synthetic import SyntheticSpec, coarse_class_names
-from wsdan.local import fit_plain, load_synthetic, save_backbone_weights
+from wsdan.data.synthetic import SyntheticSpec
+from wsdan.data.synthetic_pretrain import generate_pretrain_arrays, pretrain_class_names
+from wsdan.local import InMemoryData, fit_plain, save_backbone_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="jobs/configs/pretrain_synthetic.yaml")
-    p.add_argument("--out", default=".wsdan/weights/resnet18_layer3_synthetic_coarse.pt",
+    p.add_argument("--out", default=".wsdan/weights/resnet18_layer3_glyphs.pt",
                    help="local path or s3:// URI of the backbone state dict")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--data-seed", type=int, default=1000,
-                   help="generator seed; differs from the fine-grained set's seed (0)")
+                   help="generator seed (the fine-grained set uses 0)")
     p.add_argument("--force", action="store_true", help="retrain even if --out exists")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
@@ -42,22 +44,26 @@ def main(args: argparse.Namespace) -> dict:
         print(f"pretrained backbone already at {args.out} (use --force to retrain)")
         return {"out": args.out, "reused": True}
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
-    n_coarse = len(coarse_class_names())
-    if cfg.model.num_classes != n_coarse:
-        raise SystemExit(f"{args.config}: model.num_classes must be {n_coarse} (coarse classes)")
-    spec = SyntheticSpec(num_classes=10, image_size=128, seed=args.data_seed)
-    splits = load_synthetic(cfg.data.source, spec=spec, resize_size=cfg.data.resize_size,
-                            counts={"train": args.n_train, "val": args.n_val, "test": 0},
-                            splits=("train", "val"))
+    n_classes = len(pretrain_class_names())
+    if cfg.model.num_classes != n_classes:
+        raise SystemExit(f"{args.config}: model.num_classes must be {n_classes}")
+    spec = SyntheticSpec(image_size=128, seed=args.data_seed)
     t0 = time.perf_counter()
-    model, hist = fit_plain(cfg, splits["train"], splits["val"], num_classes=n_coarse,
-                            label_key="coarse_label", log_fn=print)
+    train = InMemoryData.from_arrays(generate_pretrain_arrays(spec, range(args.n_train)),
+                                     cfg.data.resize_size)
+    val = InMemoryData.from_arrays(
+        generate_pretrain_arrays(spec, range(args.n_train, args.n_train + args.n_val)),
+        cfg.data.resize_size)
+    print(f"generated {args.n_train} + {args.n_val} pretraining images "
+          f"({time.perf_counter() - t0:.1f}s)")
+    t0 = time.perf_counter()
+    model, hist = fit_plain(cfg, train, val, num_classes=n_classes, log_fn=print)
     for h in hist:
         print(f"epoch {h['epoch']}: train loss {h['loss']:.3f} top1 {h['train_top1']:.3f} | "
-              f"val coarse top1 {h['val_top1']:.3f} | {h['epoch_time_s']:.0f}s")
+              f"val top1 {h['val_top1']:.3f} | {h['epoch_time_s']:.0f}s")
     save_backbone_weights(model, args.out)
-    result = {"out": args.out, "val_coarse_top1": hist[-1]["val_top1"],
-              "chance": 1 / n_coarse, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {"out": args.out, "val_top1": hist[-1]["val_top1"],
+              "chance": 1 / n_classes, "wall_s": round(time.perf_counter() - t0, 1)}
     print(f"saved backbone to {args.out}")
     print(json.dumps(result))
     return result

@@ -1,5 +1,7 @@
 """Config dataclasses: validation names the field, dict/YAML round trips, overrides."""
 
+from pathlib import Path
+
 import pytest
 
 from wsdan.config import AugmentConfig, ConfigError, ModelConfig, OptimConfig, TrainConfig
@@ -25,6 +27,12 @@ def test_dict_and_yaml_round_trip(tmp_path):
     assert TrainConfig.from_yaml(path) == cfg
     flat = cfg.flat()
     assert flat["model.num_attentions"] == 8 and flat["seed"] == 3
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")
+    assert TrainConfig.from_yaml(path).optim.lr == 1e-3
 
 
 def test_overrides(tmp_path):
@@ -75,3 +83,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("optim:\n  momentum: 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: optim\.momentum"):
         TrainConfig.from_yaml(bad)
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg = TrainConfig.from_yaml(path)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

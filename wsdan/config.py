@@ -41,6 +41,9 @@ class ModelConfig:
     weights: str | None = None  # backbone state dict: local path or s3:// URI
     # Backward epsilon of the signed square root; None = exact, unbounded derivative.
     sqrt_grad_eps: float | None = 1e-4
+    # SyncBatchNorm across workers: BN then sees the global batch, as one process would
+    # (small per-GPU batches, e.g. the recipe's 12, give noisy BN statistics otherwise).
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         from wsdan.backbones import list_backbones
@@ -232,6 +235,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string: accept numeric strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -1,0 +1,192 @@
+"""Ray Train integration: the per-worker training loop, checkpoints and dataset sharding.
+
+Every worker runs :func:`train_loop_per_worker` with the same plain-dict config (so Ray Tune
+can produce it). The loop is the library's: ``wsdan.engine.train_one_epoch`` and
+``evaluate`` over Ray Data shards, with the model wrapped in DDP by Ray Train. The feature
+centres are all-reduced inside the training step (``wsdan.centers.update_centers_``), and
+validation counts are summed over ranks before dividing.
+
+Checkpoints hold the model (feature centres included), the optimiser, the epoch, the RNG
+state of every rank and the config; the learning-rate schedule is a pure function of the
+epoch, so a resumed job continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import DataConfig
+
+from wsdan.config import TrainConfig
+from wsdan.engine import evaluate, train_one_epoch
+from wsdan.model import build_model
+from wsdan.optim import build_optimizer, scaled_lr
+from wsdan.train_step import unwrap
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class ExactEvalDataConfig(DataConfig):
+    """Split ``train`` equally across workers (DDP needs the same number of steps on every
+    rank) and the evaluation datasets *without* dropping rows (``equal=False``), so that
+    summed counts cover every validation image exactly once."""
+
+    def __init__(self, exact: tuple[str, ...] = ("val", "test"), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._exact = set(exact)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        exact = {k: v for k, v in datasets.items() if k in self._exact}
+        rest = {k: v for k, v in datasets.items() if k not in self._exact}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in exact.items():
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    torch.save(state, Path(path) / CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _batches(shard, batch_size: int, *, train: bool, seed: int):
+    """Torch batches from a Ray Data shard, in the engine's batch format."""
+    from wsdan.data.pipeline import iter_torch
+
+    return iter_torch(shard, batch_size, train=train, seed=seed)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop.
+
+    ``config`` keys: ``train`` (a ``TrainConfig`` dict), ``num_train_rows`` (rows of the
+    train split, for the schedule), ``class_names``, optional ``mlflow`` (``tracking_uri``,
+    ``run_id``: rank 0 logs per-epoch metrics to that run).
+    """
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    m = cfg.model
+    model = build_model(m.backbone, num_classes=m.num_classes, num_attentions=m.num_attentions,
+                        logit_scale=m.logit_scale, pretrained=m.pretrained, weights=m.weights,
+                        sqrt_grad_eps=m.sqrt_grad_eps)
+    if m.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    global_batch = cfg.optim.batch_size * world
+    base_lr = scaled_lr(cfg.optim, global_batch)
+    optimizer = build_optimizer(model, cfg.optim, base_lr)
+    gen = torch.Generator(device=device)
+    start_epoch, best = 0, None
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        best = state.get("best")
+        rng = state.get("rng", {}).get(str(rank))
+        if rng is not None:
+            gen.set_state(rng)
+        else:
+            gen.manual_seed(cfg.seed * 1_000_003 + rank + start_epoch)
+    else:
+        gen.manual_seed(cfg.seed * 1_000_003 + rank)  # ranks draw different augmentations
+
+    model = ray.train.torch.prepare_model(model)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    steps = max(config["num_train_rows"] // global_batch, 1)
+    logger = _RankZeroLogger(config.get("mlflow")) if rank == 0 else None
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        metrics = train_one_epoch(
+            model, optimizer,
+            _batches(train_shard, cfg.optim.batch_size, train=True, seed=cfg.seed + epoch),
+            cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
+            device=device,
+        )
+        val = evaluate(model, _batches(val_shard, 64, train=False, seed=0), cfg=cfg,
+                       device=device, distributed=world > 1)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics["images_per_s"] *= world  # every rank runs at about the same rate
+        metrics["epoch"] = epoch + 1
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        score = metrics.get("val_fused_top1")
+        if score is not None and (best is None or score > best):
+            best = score
+        metrics["best_val_fused_top1"] = best if best is not None else float("nan")
+        # Every rank gathers its RNG state; rank 0 writes the checkpoint.
+        rng_states = _gather_rng(gen, world)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(tmp, {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "rng": rng_states,
+                    "config": cfg.to_dict(),
+                    "class_names": config.get("class_names"),
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                })
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if logger is not None:
+                    logger.log_epoch(metrics, epoch + 1)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _gather_rng(gen: torch.Generator, world: int) -> dict[str, torch.Tensor]:
+    state = gen.get_state()
+    if world == 1 or not torch.distributed.is_initialized():
+        return {"0": state}
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return {str(i): s for i, s in enumerate(states)}
+
+
+class _RankZeroLogger:
+    """Per-epoch metrics to an existing MLflow run (created once by the driver)."""
+
+    def __init__(self, spec: dict[str, str] | None) -> None:
+        self.client = None
+        if spec:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=spec["tracking_uri"])
+            self.run_id = spec["run_id"]
+
+    def log_epoch(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]
+        self.client.log_batch(self.run_id, metrics=items)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Train workers: keep torch to the CPUs Ray gave each worker."""
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
