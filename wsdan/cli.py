@@ -12,8 +12,11 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("jobs.generate_data", "write the generated fine-grained data set to a folder"),
-    "pretrain": ("jobs.pretrain", "pretrain the stand-in backbone on the generated coarse task"),
+    "stack": ("wsdan.stack", "start/stop/inspect the local stack (S3, MLflow, Ray head)"),
+    "data prepare": ("jobs.prepare_data", "convert a data set to Parquet shards (local or s3://)"),
+    "data generate": ("jobs.generate_data", "write the generated fine-grained data set"),
+    "train": ("jobs.train", "the distributed training job (Ray Train, MLflow)"),
+    "pretrain": ("jobs.pretrain", "pretrain the stand-in backbone on the generated glyph task"),
     "train-local": ("jobs.train_local", "train WS-DAN in one process on the generated data set"),
     "bench-step": ("jobs.bench_step", "benchmark one training step against the backbone"),
     "bench-learning": ("jobs.bench_learning", "WS-DAN vs plain fine-tuning on generated data"),
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, text) in COMMANDS.items():
-        sub.add_parser(name, help=text, add_help=False)
+        sub.add_parser(name, help=text, add_help=False)  # "data prepare": two words
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -39,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if argv[0] not in COMMANDS:
-        parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    command, rest = argv[0], argv[1:]
+    if command == "data" and rest and not rest[0].startswith("-"):
+        command, rest = f"data {rest[0]}", rest[1:]
+    if command not in COMMANDS:
+        parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
+    module = importlib.import_module(COMMANDS[command][0])
     job_parser = module.get_args_parser()
-    job_parser.prog = f"wsdan {argv[0]}"
-    module.main(job_parser.parse_args(argv[1:]))
+    job_parser.prog = f"wsdan {command}"
+    module.main(job_parser.parse_args(rest))
     return 0
 
 

@@ -1,0 +1,169 @@
+"""The local stack on loopback: S3 server (SeaweedFS), MLflow server, Ray head.
+
+``wsdan stack up|down|status|env``. State lives under ``.wsdan/stack`` (override with
+``WSDAN_STACK_DIR``): data, logs, pid files, and — only when none are given in the
+environment — generated S3 credentials in a 0600 file, so that ``up`` in one shell and
+``down`` in another find the same services. Ports come from ``WSDAN_*_PORT`` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsdan.services import S3Server, S3ServerConfig, generate_credentials
+from wsdan.services.ray_head import RayHead, RayHeadConfig
+
+BUCKET = "wsdan"
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    root: Path
+
+    @property
+    def s3(self) -> Path:
+        return self.root / "s3"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def ray_temp(self) -> Path:
+        # Ray's socket paths must stay short: a /tmp dir keyed by the stack's location.
+        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return Path("/tmp") / f"wsdan-ray-{digest}"
+
+
+def stack_paths() -> StackPaths:
+    return StackPaths(Path(os.environ.get("WSDAN_STACK_DIR", ".wsdan/stack")).resolve())
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(f"WSDAN_{name}_PORT", default))
+
+
+def credentials(paths: StackPaths) -> tuple[str, str]:
+    """S3 credentials: from the environment when set, else generated once into a 0600 file."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return key, secret
+    if paths.credentials.exists():
+        d = json.loads(paths.credentials.read_text())
+        return d["access_key"], d["secret_key"]
+    key, secret = generate_credentials()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"access_key": key, "secret_key": secret}, f)
+    return key, secret
+
+
+def s3_server(paths: StackPaths) -> S3Server:
+    key, secret = credentials(paths)
+    base = _port("S3", 8333)
+    return S3Server(S3ServerConfig(
+        data_dir=paths.s3, access_key=key, secret_key=secret, s3_port=base,
+        master_port=_port("S3_MASTER", 9333), volume_port=_port("S3_VOLUME", 8334),
+        filer_port=_port("S3_FILER", 8335)))
+
+
+def ray_head(paths: StackPaths) -> RayHead:
+    return RayHead(RayHeadConfig(temp_dir=paths.ray_temp, port=_port("RAY", 6380),
+                                 dashboard_port=_port("RAY_DASHBOARD", 8265)))
+
+
+def mlflow_server(paths: StackPaths, s3: S3Server):
+    from wsdan.services.mlflow_server import MlflowServer, MlflowServerConfig
+
+    key, secret = credentials(paths)
+    return MlflowServer(MlflowServerConfig(
+        data_dir=paths.mlflow, port=_port("MLFLOW", 5000),
+        artifacts_destination=f"s3://{BUCKET}/mlartifacts", s3_endpoint=s3.endpoint,
+        aws_access_key_id=key, aws_secret_access_key=secret))
+
+
+def client_env(paths: StackPaths) -> dict[str, str]:
+    """What a client (job, notebook, `ray job submit`) needs to use the stack."""
+    s3 = s3_server(paths)
+    key, secret = credentials(paths)
+    return {
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_port('MLFLOW', 5000)}",
+        "RAY_ADDRESS": ray_head(paths).config.dashboard_url,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+def up(paths: StackPaths, *, with_mlflow: bool = True, with_ray: bool = True) -> dict:
+    s3 = s3_server(paths)
+    s3.start()
+    s3.ensure_bucket(BUCKET)
+    out = {"s3": s3.endpoint, "bucket": f"s3://{BUCKET}"}
+    if with_mlflow:
+        ml = mlflow_server(paths, s3)
+        ml.start()
+        out["mlflow"] = ml.tracking_uri
+    if with_ray:
+        head = ray_head(paths)
+        head.start()
+        out["ray_dashboard"] = head.config.dashboard_url
+    return out
+
+
+def down(paths: StackPaths) -> None:
+    ray_head(paths).stop()
+    s3 = s3_server(paths)
+    try:
+        mlflow_server(paths, s3).stop()
+    except ImportError:
+        pass
+    s3.stop()
+
+
+def status(paths: StackPaths) -> dict:
+    s3 = s3_server(paths)
+    out = {"s3": s3.status(), "ray": ray_head(paths).status()}
+    try:
+        out["mlflow"] = mlflow_server(paths, s3).status()
+    except ImportError:
+        pass
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="The local stack on loopback: S3, MLflow, Ray head")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-ray", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    paths = stack_paths()
+    if args.action == "up":
+        info = up(paths, with_mlflow=not args.no_mlflow, with_ray=not args.no_ray)
+        for k, v in info.items():
+            print(f"{k:>14}: {v}")
+        print(f"credentials for clients: eval \"$(wsdan stack env)\" (kept in {paths.root})")
+    elif args.action == "down":
+        down(paths)
+        print("stack stopped")
+    elif args.action == "status":
+        print(json.dumps(status(paths), indent=2, default=str))
+    else:  # env: for `eval "$(wsdan stack env)"`, on the user's own terminal
+        for k, v in client_env(paths).items():
+            print(f"export {k}={v}")
