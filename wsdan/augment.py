@@ -153,11 +153,10 @@ def attention_drop(images: Tensor, maps: Tensor, theta: Tensor, fill: Tensor | N
     them zero after normalisation, as in the public codes, which drop normalised input.
     """
     h, w = images.shape[-2:]
-    keep = ~threshold_mask(upsample_maps(maps, (h, w)), theta)  # B×H×W
-    keep = keep[:, None].to(images.dtype)
-    if fill is None:
-        return images * keep
-    return images * keep + fill.view(1, -1, 1, 1).to(images.dtype) * (1 - keep)
+    drop = threshold_mask(upsample_maps(maps, (h, w)), theta)[:, None]  # B×1×H×W
+    value = torch.zeros((), dtype=images.dtype, device=images.device) if fill is None \
+        else fill.view(1, -1, 1, 1).to(images.dtype)
+    return torch.where(drop, value, images)  # one pass; cheaper than x·m + f·(1 − m)
 
 
 def _uniform(b: int, low: float, high: float, like: Tensor, generator) -> Tensor:
