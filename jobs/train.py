@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> dict:
                    max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
     if not cfg.data.source:
         raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
-    from wsdan.data.pipeline import build_dataset, read_manifest
+    from wsdan.data.pipeline import build_dataset, iter_torch, read_manifest
 
     manifest = read_manifest(cfg.data.source)
     check_data(cfg, manifest)
@@ -54,13 +54,17 @@ def main(args: argparse.Namespace) -> dict:
     import mlflow
     import ray
 
-    from wsdan.launcher import best_checkpoint, build_trainer, model_from_checkpoint
-    from wsdan.tracking.runs import log_config, resolve_tracking_uri
+    from wsdan.launcher import (
+        best_checkpoint,
+        build_trainer,
+        log_final_figures,
+        model_from_checkpoint,
+    )
+    from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. One MLflow run per job, created here (never by the workers).
     tracking_uri = resolve_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(args.experiment)
+    setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     with mlflow.start_run(run_name=spec.name) as run:
         log_config(cfg)
@@ -73,9 +77,11 @@ def main(args: argparse.Namespace) -> dict:
             "val": build_dataset(cfg.data.source, "val", cfg=cfg.data, train=False,
                                  seed=cfg.seed, shuffle=False),
         }
+        class_names = list(manifest["classes"])
+        figure_batch = next(iter_torch(datasets["val"], 8))  # fixed: val is not shuffled
         trainer = build_trainer(
             cfg, spec, datasets=datasets, num_train_rows=int(manifest["counts"]["train"]),
-            class_names=list(manifest["classes"]),
+            class_names=class_names, figure_batch=figure_batch,
             mlflow_spec={"tracking_uri": tracking_uri, "run_id": run.info.run_id})
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -84,6 +90,7 @@ def main(args: argparse.Namespace) -> dict:
             raise result.error
         model, state = model_from_checkpoint(best_checkpoint(result))
         metrics = state["metrics"]
+        log_final_figures(model, cfg, datasets["val"], class_names)
         summary = {"run_id": run.info.run_id, "epochs": state["epoch"], "wall_s": round(wall, 1),
                    **{k: metrics[k] for k in metrics if k.startswith("val_")}}
         if args.register_as:

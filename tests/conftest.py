@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from wsdan.services import S3Server, S3ServerConfig, generate_credentials
+
+# Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported (a module constant of
+# ray._private.ray_constants), so it is set here, before any test module imports ray. With
+# it at 0, a local Ray is single-node and binds every service to 127.0.0.1 (environment.md,
+# "Addresses"). RAY_AUTH_MODE is set explicitly: unset, a new local cluster turns token
+# auth on (and would pick up a stray ~/.ray/auth_token); "disabled" ignores that file.
+# No usage-stats reporting: nothing leaves this machine.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 # -- object store (SeaweedFS S3) -------------------------------------------------------------
 
@@ -42,3 +56,92 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, Any]]:
+    """One local Ray for the session: 4 logical CPUs (more than the cores, so a read task, a
+    decode task and two consumers can run at once), loopback only, no dashboard.
+
+    Its worker processes see ``s3_server``'s AWS_* variables, as the nodes of a real cluster
+    carry their own credentials: the pyarrow S3 file system that Ray Data ships to the
+    workers holds the endpoint but no keys. The driver's own environment is left as it
+    was (tests use ``s3_env``). Ray-using tests are slow tests: mark them. Returns
+    ``ray.init``'s address info.
+    """
+    import ray
+    import ray.data
+
+    # A short private temp dir: Ray's socket paths must stay under 108 characters, and a
+    # dir of our own keeps this cluster apart from any other Ray on the machine.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = s3_server.aws_env()
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # inherited by the raylet, hence by every worker it starts
+    try:
+        info = ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield dict(info.address_info)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- tracking server (MLflow) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One MLflow tracking server for the session: sqlite backend, loopback, a free port, and
+    artifacts proxied to the bucket ``wsdan-mlflow`` (prefix ``artifacts/``) of ``s3_server``.
+
+    Only the server holds the S3 endpoint and keys: clients need nothing but the tracking URI
+    (see ``mlflow_env``). Tests that use it are real-service tests: mark them slow.
+    """
+    from wsdan.services import find_free_port
+    from wsdan.services.mlflow_server import MlflowServer, MlflowServerConfig
+
+    bucket = "wsdan-mlflow"
+    s3_server.ensure_bucket(bucket)
+    config = MlflowServerConfig(
+        data_dir=tmp_path_factory.mktemp("mlflow"),
+        port=find_free_port(),
+        artifacts_destination=f"s3://{bucket}/artifacts",
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.config.access_key,
+        s3_secret_key=s3_server.config.secret_key,
+    )
+    server = MlflowServer(config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point MLflow (this process and its children) at ``mlflow_server`` for one test; returns
+    the tracking URI. Ends a run the test left active."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    mlflow.set_tracking_uri(mlflow_server.tracking_uri)
+    try:
+        yield mlflow_server.tracking_uri
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        # Clears MLflow's global URI (and the variable, which monkeypatch then restores).
+        mlflow.set_tracking_uri(None)

@@ -78,6 +78,7 @@ def build_trainer(
     datasets: dict[str, Any],
     num_train_rows: int,
     class_names: list[str],
+    figure_batch: dict[str, Any] | None = None,
     mlflow_spec: dict[str, str] | None = None,
 ):
     """A TorchTrainer running ``wsdan.raytrain.train_loop_per_worker``."""
@@ -95,7 +96,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "num_train_rows": num_train_rows,
-                           "class_names": class_names, "mlflow": mlflow_spec},
+                           "class_names": class_names, "mlflow": mlflow_spec,
+                           "figure_batch": figure_batch},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
         run_config=RunConfig(
             name=spec.name,
@@ -135,3 +137,22 @@ def model_from_checkpoint(checkpoint) -> tuple[WSDAN, dict[str, Any]]:
     model.load_state_dict(state["model"])
     model.eval()
     return model, state
+
+
+def log_final_figures(model: WSDAN, cfg: TrainConfig, val_ds, class_names: list[str]) -> None:
+    """Confusion matrix of the selected model on the whole val split, to the active run."""
+    import torch
+
+    from wsdan.data.pipeline import iter_torch
+    from wsdan.inference import predict
+    from wsdan.tracking.runs import confusion_figure, log_figure
+    from wsdan.transforms import center_crop
+
+    k = cfg.model.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    for batch in iter_torch(val_ds, 64):
+        out = predict(model, center_crop(batch["image"], cfg.data.image_size),
+                      theta=cfg.inference.refine_theta, padding=cfg.inference.refine_padding)
+        idx = batch["label"] * k + out.logits.argmax(1)
+        confusion += torch.bincount(idx, minlength=k * k).view(k, k)
+    log_figure(confusion_figure(confusion, class_names), "confusion_matrix.png")

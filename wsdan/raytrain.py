@@ -13,7 +13,6 @@ epoch, so a resumed job continues exactly where it stopped.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from wsdan.optim import build_optimizer, scaled_lr
 from wsdan.train_step import unwrap
 
 CHECKPOINT_FILE = "state.pt"
+FIGURE_EVERY = 2  # epochs between attention heat-map figures (and the last epoch)
 
 
 class ExactEvalDataConfig(DataConfig):
@@ -64,11 +64,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _batches(shard, batch_size: int, *, train: bool, seed: int):
-    """Torch batches from a Ray Data shard, in the engine's batch format."""
+def _batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int):
+    """Torch batches from a Ray Data shard, in the engine's batch format. Training drops the
+    last partial batch, so that every rank takes the same number of DDP steps."""
     from wsdan.data.pipeline import iter_torch
 
-    return iter_torch(shard, batch_size, train=train, seed=seed)
+    return iter_torch(shard, batch_size, shuffle_buffer=8 * batch_size if train else None,
+                      seed=seed, epoch=epoch, drop_last=train)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -121,11 +123,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         metrics = train_one_epoch(
             model, optimizer,
-            _batches(train_shard, cfg.optim.batch_size, train=True, seed=cfg.seed + epoch),
+            _batches(train_shard, cfg.optim.batch_size, train=True, seed=cfg.seed * 7919 + rank,
+                     epoch=epoch),
             cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
             device=device,
         )
-        val = evaluate(model, _batches(val_shard, 64, train=False, seed=0), cfg=cfg,
+        val = evaluate(model, _batches(val_shard, 64, train=False, seed=0, epoch=0), cfg=cfg,
                        device=device, distributed=world > 1)
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["images_per_s"] *= world  # every rank runs at about the same rate
@@ -153,6 +156,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if logger is not None:
                     logger.log_epoch(metrics, epoch + 1)
+                    if config.get("figure_batch") is not None and (
+                            epoch % FIGURE_EVERY == 0 or epoch + 1 == cfg.optim.epochs):
+                        logger.log_attention(unwrap(model), config["figure_batch"], cfg,
+                                             config.get("class_names") or [], epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -187,6 +194,23 @@ class _RankZeroLogger:
         self.client.log_batch(self.run_id, metrics=items)
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for Train workers: keep torch to the CPUs Ray gave each worker."""
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    def log_attention(self, model, batch: dict[str, Any], cfg: TrainConfig,
+                      class_names: list[str], epoch: int) -> None:
+        """Heat-map overlays and refinement boxes for a fixed set of val images."""
+        if self.client is None:
+            return
+        from wsdan.inference import predict
+        from wsdan.tracking.runs import attention_figure
+        from wsdan.transforms import center_crop
+
+        was_training = model.training
+        model.eval()
+        images = center_crop(batch["image"], cfg.data.image_size).to(
+            next(model.parameters()).device)
+        out = predict(model, images, theta=cfg.inference.refine_theta,
+                      padding=cfg.inference.refine_padding)
+        model.train(was_training)
+        names = class_names or [str(i) for i in range(cfg.model.num_classes)]
+        fig = attention_figure(images.cpu(), out.attention_mean.cpu(), out.boxes.cpu(),
+                               batch["label"], out.logits.argmax(1).cpu(), names)
+        self.client.log_figure(self.run_id, fig, f"attention/epoch_{epoch:03d}.png")

@@ -89,7 +89,7 @@ def mlflow_server(paths: StackPaths, s3: S3Server):
     return MlflowServer(MlflowServerConfig(
         data_dir=paths.mlflow, port=_port("MLFLOW", 5000),
         artifacts_destination=f"s3://{BUCKET}/mlartifacts", s3_endpoint=s3.endpoint,
-        aws_access_key_id=key, aws_secret_access_key=secret))
+        s3_access_key=key, s3_secret_key=secret))
 
 
 def client_env(paths: StackPaths) -> dict[str, str]:
@@ -102,7 +102,8 @@ def client_env(paths: StackPaths) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_port('MLFLOW', 5000)}",
-        "RAY_ADDRESS": ray_head(paths).config.dashboard_url,
+        "RAY_ADDRESS": ray_head(paths).config.address,  # ray.init(); GCS host:port
+        "RAY_DASHBOARD_URL": ray_head(paths).config.dashboard_url,  # ray job submit --address
         "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
@@ -119,7 +120,9 @@ def up(paths: StackPaths, *, with_mlflow: bool = True, with_ray: bool = True) ->
         out["mlflow"] = ml.tracking_uri
     if with_ray:
         head = ray_head(paths)
-        head.start()
+        env = client_env(paths)
+        head.start(extra_env={k: v for k, v in env.items()
+                              if k.startswith("AWS_") or k.startswith("MLFLOW_")})
         out["ray_dashboard"] = head.config.dashboard_url
     return out
 
@@ -127,21 +130,14 @@ def up(paths: StackPaths, *, with_mlflow: bool = True, with_ray: bool = True) ->
 def down(paths: StackPaths) -> None:
     ray_head(paths).stop()
     s3 = s3_server(paths)
-    try:
-        mlflow_server(paths, s3).stop()
-    except ImportError:
-        pass
+    mlflow_server(paths, s3).stop()
     s3.stop()
 
 
 def status(paths: StackPaths) -> dict:
     s3 = s3_server(paths)
-    out = {"s3": s3.status(), "ray": ray_head(paths).status()}
-    try:
-        out["mlflow"] = mlflow_server(paths, s3).status()
-    except ImportError:
-        pass
-    return out
+    return {"s3": s3.status(), "mlflow": mlflow_server(paths, s3).status(),
+            "ray": ray_head(paths).status()}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ Each service writes its state (pid file, logs, data) under one project-local dir
 ``wsdan stack up`` in one process and a ``wsdan stack down`` in another find the same server.
 """
 
+from wsdan.services.mlflow_server import MlflowServer, MlflowServerConfig, MlflowServerError
 from wsdan.services.seaweedfs import (
     S3Server,
     S3ServerConfig,
@@ -16,6 +17,9 @@ from wsdan.services.seaweedfs import (
 )
 
 __all__ = [
+    "MlflowServer",
+    "MlflowServerConfig",
+    "MlflowServerError",
     "S3Server",
     "S3ServerConfig",
     "S3ServerError",

@@ -9,6 +9,7 @@ stray ``~/.ray/auth_token`` cannot silently turn it on (environment.md, 'Token a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -86,8 +87,12 @@ class RayHead:
         except Exception:
             return False
 
-    def start(self, timeout: float = 120) -> None:
-        """Idempotent: a running head of this config is left alone."""
+    def start(self, timeout: float = 120, extra_env: dict[str, str] | None = None) -> None:
+        """Idempotent: a running head of this config is left alone.
+
+        ``extra_env`` reaches every Ray process of the node (workers, job drivers): how the
+        local stack hands its S3 endpoint and credentials to jobs without putting them in a
+        job submission, as a cluster's nodes would carry their own credentials."""
         c = self.config
         if self.processes() and self.healthy():
             return
@@ -104,7 +109,8 @@ class RayHead:
         log = c.temp_dir / "ray-start.log"
         with open(log, "ab") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                  env=ray_env(c.auth_mode), timeout=timeout)
+                                  env={**ray_env(c.auth_mode), **(extra_env or {})},
+                                  timeout=timeout)
         if proc.returncode != 0:
             raise RayHeadError(f"ray start failed (exit {proc.returncode}); see {log}:\n"
                                + log.read_text()[-2000:])
@@ -118,16 +124,12 @@ class RayHead:
     def stop(self, timeout: float = 10) -> None:
         procs = self.processes()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=timeout)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
 
     def status(self) -> dict:
         procs = self.processes()

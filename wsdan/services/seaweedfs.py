@@ -463,8 +463,11 @@ class S3Server:
     # -- internals ---------------------------------------------------------------------
 
     def _process(self) -> psutil.Process | None:
-        if self._proc is not None:
-            self._proc.poll()  # reap our own child if it exited, so it is not a zombie
+        if self._proc is not None and self._proc.poll() is None:  # poll reaps it if it exited
+            # Our own child is the server whatever its cmdline says: between fork and exec it
+            # still shows this process's command line, and the check below would miss it.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                return psutil.Process(self._proc.pid)
         try:
             pid = int(self.config.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):

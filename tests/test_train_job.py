@@ -1,0 +1,122 @@
+"""The distributed training job end to end on the real services (slow).
+
+Generated data prepared into the SeaweedFS bucket, a two-worker Ray Train job (gloo) with
+checkpoints in S3, one MLflow run on the MLflow server (artifacts in S3), registration
+with the champion rule, resumption by rerunning the same job name, and a clear error for a
+class-count mismatch before any cluster work.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import prepare_data, train
+from wsdan.config import ConfigError
+from wsdan.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "wsdan-jobs"
+TINY = [
+    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
+    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
+    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
+    "data.resize_size=48",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(s3_server, tmp_path_factory):
+    """A tiny generated data set (K=3, 64 px) prepared into s3://wsdan-jobs/data."""
+    import os
+
+    s3_server.ensure_bucket(BUCKET)
+    src = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(src, spec=SyntheticSpec(num_classes=3, image_size=64, seed=0),
+                            n_train=48, n_val=18, n_test=6, progress=False)
+    saved = dict(os.environ)
+    os.environ.update(s3_server.aws_env())
+    try:
+        prepare_data.main(prepare_data.get_args_parser().parse_args(
+            ["--format", "synthetic", "--src", str(src), "--dest", f"s3://{BUCKET}/data",
+             "--no-progress"]))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return f"s3://{BUCKET}/data"
+
+
+def _run(name: str, data: str, *extra: str, register: str | None = None, workers: int = 2):
+    argv = ["--config", "jobs/configs/synthetic_cpu.yaml", "--name", name,
+            "--storage-path", f"s3://{BUCKET}/runs", "--num-workers", str(workers),
+            "--experiment", "wsdan-tests", *TINY, f"data.source={data}", *extra]
+    if register:
+        argv[4:4] = ["--register-as", register]
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+def _objects(s3_server, prefix: str) -> list[str]:
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_two_worker_job_tracks_checkpoints_and_registers(
+        prepared, ray_cluster, s3_env, mlflow_env, s3_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out = _run("job-a", prepared, "optim.epochs=2", register="wsdan-e2e")
+    assert out["epochs"] == 2 and 0.0 <= out["val_fused_top1"] <= 1.0
+    # Checkpoints in S3, at most keep_checkpoints (2) of them.
+    ckpts = {k.split("/")[2] for k in _objects(s3_server, "runs/job-a/") if "checkpoint_" in k}
+    assert 1 <= len(ckpts) <= 2
+    # Exactly one MLflow run, with per-epoch metrics, params and artifacts.
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("wsdan-tests")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'job-a'")
+    assert len(runs) == 1
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "val_fused_top1")
+    assert [m.step for m in history] == [1, 2]
+    assert {"loss", "val_raw_top1", "val_crop_top1", "lr", "images_per_s",
+            "data_wait_fraction", "val_attention_hit_rate"} <= set(run.data.metrics)
+    assert run.data.params["model.num_attentions"] == "2"
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(run.data.params)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "confusion_matrix.png", "attention"} <= names
+    # Registered, and the first version is the champion.
+    assert out["registered_version"] == 1 and out["champion"] is True
+    model = mlflow.pyfunc.load_model("models:/wsdan-e2e@champion")
+    assert model.metadata is not None
+    # Artifacts went to the S3 bucket behind the MLflow server.
+    assert _objects(s3_server, "") is not None
+
+
+def test_rerun_resumes_and_continues_the_epoch_count(prepared, ray_cluster, s3_env, mlflow_env):
+    first = _run("job-resume", prepared, "optim.epochs=1")
+    assert first["epochs"] == 1
+    second = _run("job-resume", prepared, "optim.epochs=2")
+    assert second["epochs"] == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("wsdan-tests")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'job-resume'",
+                              order_by=["attributes.start_time ASC"])
+    assert runs[1].data.params["job.resumed"] == "True"
+    # The resumed run trained epoch 2 only.
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [2]
+
+
+def test_class_count_mismatch_fails_before_cluster_work(prepared, s3_env, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.num_classes is 5 .* has 3 classes"):
+        train.main(train.get_args_parser().parse_args(
+            ["--config", "jobs/configs/synthetic_cpu.yaml", "--storage-path", str(tmp_path),
+             *TINY, "model.num_classes=5", f"data.source={prepared}"]))
+    with pytest.raises(Exception, match="dataset.json"):
+        train.main(train.get_args_parser().parse_args(
+            ["--config", "jobs/configs/synthetic_cpu.yaml", "--storage-path", str(tmp_path),
+             *TINY, f"data.source=s3://{BUCKET}/nothing-here"]))
