@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> dict:
     spec = JobSpec(name=args.name or Path(args.config).stem, storage_path=args.storage_path,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
+    if cfg.model.sync_batchnorm and not spec.use_gpu:
+        raise ConfigError("model.sync_batchnorm: needs --use-gpu (torch's SyncBatchNorm has "
+                          "no CPU path)")
     if not cfg.data.source:
         raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
     from wsdan.data.pipeline import build_dataset, iter_torch, read_manifest

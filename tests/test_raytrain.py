@@ -1,8 +1,10 @@
 """The training step under Ray Train DDP (two workers, gloo) equals one process.
 
-Two Ray Train workers each take half of every global batch; with SyncBatchNorm, one
-attention map (so the map choice is not random) and fixed thresholds, the step is
-deterministic, and the distributed run must match one process that sees whole batches:
+Two Ray Train workers each take half of every global batch. With BatchNorm on running
+statistics (eval mode: a sample's output then does not depend on which rank's batch it is
+in; torch's SyncBatchNorm has no CPU path), one attention map (so the map choice is not
+random) and fixed thresholds, the step is deterministic, and the distributed run must match
+one process that sees whole batches:
 feature centres bitwise identical on both ranks and within 1e-6 of the single process,
 model weights identical on both ranks.
 """
@@ -24,12 +26,9 @@ AUG = AugmentConfig(crop_theta_low=0.5, crop_theta_high=0.5, drop_theta_low=0.35
 OPT = OptimConfig(lr=0.01, grad_clip_norm=5.0, center_beta=0.05)
 
 
-def _model(distributed: bool):
+def _model():
     torch.manual_seed(0)
-    model = build_model("resnet18_layer3", num_classes=4, num_attentions=1)
-    if distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return build_model("resnet18_layer3", num_classes=4, num_attentions=1).eval()
 
 
 def _run(model, batches, rank=0, world=1):
@@ -48,7 +47,7 @@ def _loop(config):
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = ray.train.torch.prepare_model(_model(distributed=True))
+    model = ray.train.torch.prepare_model(_model())
     core = _run(model, config["batches"], rank, world)
     torch.save({k: v.clone() for k, v in core.state_dict().items()},
                Path(config["out"]) / f"rank{rank}.pt")
@@ -72,7 +71,7 @@ def test_two_workers_match_one_process(ray_cluster, tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0:
         assert torch.equal(r0[key], r1[key]), f"ranks differ in {key}"
-    single = _run(_model(distributed=False), batches).state_dict()
+    single = _run(_model(), batches).state_dict()
     centres = r0["feature_centers"]
     assert centres.abs().sum() > 0
     torch.testing.assert_close(centres, single["feature_centers"], atol=1e-6, rtol=0)
