@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-step bench-learning clean-demo
+.PHONY: demo demo-local stack-down test test-fast lint bench-step bench-learning clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job (single process until the Ray job lands): generated data set, stand-in
-# pretrained backbone (made once, reused), WS-DAN fine-tuning, test-split report.
+# Main job: local stack (S3, MLflow, Ray head on loopback), generated data set prepared
+# into the bucket, stand-in pretrained backbone (made once, reused), `ray job submit` of
+# the distributed training job, model registered in MLflow. See infra/demo.sh.
 demo: $(STAMP)
+	PY=$(PY) bash infra/demo.sh
+
+# The same training in one process, no services.
+demo-local: $(STAMP)
 	$(PY) -m jobs.pretrain
 	$(PY) -m jobs.train_local --config jobs/configs/synthetic_cpu.yaml
+
+stack-down: $(STAMP)
+	$(VENV)/bin/wsdan stack down
 
 # Whole suite, slow and real-service tests included.
 test: $(STAMP)

@@ -71,7 +71,8 @@ def test_two_worker_job_tracks_checkpoints_and_registers(
     out = _run("job-a", prepared, "optim.epochs=2", register="wsdan-e2e")
     assert out["epochs"] == 2 and 0.0 <= out["val_fused_top1"] <= 1.0
     # Checkpoints in S3, at most keep_checkpoints (2) of them.
-    ckpts = {k.split("/")[2] for k in _objects(s3_server, "runs/job-a/") if "checkpoint_" in k}
+    ckpts = {k.split("/")[2] for k in _objects(s3_server, "runs/job-a/")
+             if k.split("/")[2].startswith("checkpoint_") and k.count("/") >= 3}  # folders
     assert 1 <= len(ckpts) <= 2
     # Exactly one MLflow run, with per-epoch metrics, params and artifacts.
     client = MlflowClient()

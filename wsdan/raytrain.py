@@ -128,7 +128,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
             device=device,
         )
-        val = evaluate(model, _batches(val_shard, 64, train=False, seed=0, epoch=0), cfg=cfg,
+        # Evaluate the plain module, not DDP: ranks hold different numbers of val batches
+        # (nothing dropped), and DDP's per-forward buffer broadcast would then deadlock.
+        # BN running statistics are made rank 0's first, so every rank scores one model.
+        core = unwrap(model)
+        _broadcast_buffers(core, world)
+        val = evaluate(core, _batches(val_shard, 64, train=False, seed=0, epoch=0), cfg=cfg,
                        device=device, distributed=world > 1)
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["images_per_s"] *= world  # every rank runs at about the same rate
@@ -161,6 +166,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         logger.log_attention(unwrap(model), config["figure_batch"], cfg,
                                              config.get("class_names") or [], epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _broadcast_buffers(module: torch.nn.Module, world: int) -> None:
+    if world > 1 and torch.distributed.is_initialized():
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf, src=0)
 
 
 def _gather_rng(gen: torch.Generator, world: int) -> dict[str, torch.Tensor]:
