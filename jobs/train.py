@@ -94,7 +94,9 @@ def main(args: argparse.Namespace) -> dict:
         model, state = model_from_checkpoint(best_checkpoint(result))
         metrics = state["metrics"]
         log_final_figures(model, cfg, datasets["val"], class_names)
-        summary = {"run_id": run.info.run_id, "epochs": state["epoch"], "wall_s": round(wall, 1),
+        last = result.metrics or {}
+        summary = {"run_id": run.info.run_id, "epochs": int(last.get("epoch", state["epoch"])),
+                   "best_epoch": int(state["epoch"]), "wall_s": round(wall, 1),
                    **{k: metrics[k] for k in metrics if k.startswith("val_")}}
         if args.register_as:
             summary.update(_register(model, cfg, manifest, metrics, args.register_as))

@@ -92,6 +92,17 @@ def test_two_worker_job_tracks_checkpoints_and_registers(
     assert out["registered_version"] == 1 and out["champion"] is True
     model = mlflow.pyfunc.load_model("models:/wsdan-e2e@champion")
     assert model.metadata is not None
+    # `wsdan evaluate` on the registered model and on the checkpoint agree on the test split.
+    from jobs import evaluate
+
+    args = ["--data", prepared, "--split", "test"]
+    by_alias = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--model", "models:/wsdan-e2e@champion", *args]))
+    assert by_alias["n"] == 6 and 0.0 <= by_alias["fused_top1"] <= 1.0
+    ckpt = sorted(ckpts)[-1]
+    by_ckpt = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--model", f"s3://{BUCKET}/runs/job-a/{ckpt}", *args]))
+    assert by_ckpt["n"] == 6
     # Artifacts went to the S3 bucket behind the MLflow server.
     assert _objects(s3_server, "") is not None
 
@@ -121,3 +132,76 @@ def test_class_count_mismatch_fails_before_cluster_work(prepared, s3_env, tmp_pa
         train.main(train.get_args_parser().parse_args(
             ["--config", "jobs/configs/synthetic_cpu.yaml", "--storage-path", str(tmp_path),
              *TINY, f"data.source=s3://{BUCKET}/nothing-here"]))
+
+
+def _job_argv(name: str, data: str, *extra: str) -> list[str]:
+    return ["-m", "jobs.train", "--config", "jobs/configs/synthetic_cpu.yaml", "--name", name,
+            "--storage-path", f"s3://{BUCKET}/runs", "--num-workers", "2",
+            "--experiment", "wsdan-tests", *TINY, f"data.source={data}", *extra]
+
+
+def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, mlflow_env,
+                                                s3_server):
+    """A separate driver process runs a 3-epoch job on the session cluster; once the first
+    checkpoint is in S3, one training worker is SIGKILLed; the job restarts the worker group
+    from that checkpoint (FailureConfig) and finishes all 3 epochs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    proc = subprocess.Popen([sys.executable, *_job_argv("job-kill", prepared, "optim.epochs=3")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        if any("checkpoint_" in k and k.endswith(".pt") for k in
+               _objects(s3_server, "runs/job-kill/")):
+            workers = [p for p in psutil.process_iter(["name", "cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [p.info["name"] or ""])]
+            if workers:
+                killed = workers[0].pid
+                workers[0].kill()
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epochs"] == 3
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
+
+
+def test_ray_job_submit_to_a_head_node(prepared, s3_server, mlflow_server, tmp_path):
+    """`ray job submit` to a `ray start --head` cluster (its own temp dir and ports); the
+    node carries the S3 and MLflow settings, the submission only names the job."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from wsdan.services import find_free_ports
+    from wsdan.services.ray_head import RayHead, RayHeadConfig, ray_env
+
+    gcs, dash, client, agent, metrics = find_free_ports(5)
+    head = RayHead(RayHeadConfig(temp_dir=Path(f"/tmp/wsdan-rh-{os.getpid()}"), port=gcs,
+                                 dashboard_port=dash, num_cpus=4, client_server_port=client,
+                                 dashboard_agent_listen_port=agent,
+                                 metrics_export_port=metrics))
+    head.start(extra_env={**s3_server.aws_env(),
+                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
+    try:
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray_bin, "job", "submit", "--address", head.config.dashboard_url,
+               "--working-dir", ".", "--", "python",
+               *_job_argv("job-submit", prepared, "optim.epochs=1")]
+        done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600)
+        logs = done.stdout + done.stderr
+        assert done.returncode == 0, logs[-4000:]
+        assert "succeeded" in logs
+        summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
+        assert summary["epochs"] == 1
+    finally:
+        head.stop()

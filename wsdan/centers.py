@@ -55,6 +55,7 @@ def update_centers_(
     beta: float,
     *,
     group: dist.ProcessGroup | None = None,
+    sync: bool = True,
 ) -> None:
     """In place: c[k] += β · mean_{i: y_i = k} (P_i − ĉ_i) over the *global* batch.
 
@@ -69,9 +70,10 @@ def update_centers_(
         labels: B local class indices.
         beta: centre learning rate β (algorithm.md §2: 0.05).
         group: process group; default the world group when distributed is initialised.
+        sync: False skips the collective (ranks then diverge: for measurements only).
     """
     sums, counts = center_delta_sums(features, centers, labels)
-    if dist.is_available() and dist.is_initialized():
+    if sync and dist.is_available() and dist.is_initialized():
         # One collective per step: counts appended as the last column of the sums.
         packed = torch.cat([sums, counts[:, None]], dim=1)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)

@@ -49,6 +49,7 @@ def wsdan_losses(
     center_beta: float,
     center_weight: float,
     update_centers: bool = True,
+    sync_centers: bool = True,
 ) -> StepResult:
     """Forward passes and loss of one step; updates the feature centres in place.
 
@@ -56,6 +57,8 @@ def wsdan_losses(
         model: a :class:`WSDAN` or a DDP wrapper of one (in train mode).
         images: B×3×H×W float in [0, 1]. labels: B long.
         generator: drives map selection and thresholds (same device as ``images``).
+        sync_centers: all-reduce the centre update when distributed (always, in training;
+            off only to measure what the collective costs, ``jobs.bench_sync``).
     """
     core = unwrap(model)
     raw = model(images)
@@ -63,7 +66,7 @@ def wsdan_losses(
     centers = core.feature_centers
     loss_center = center_loss(raw.features, centers, labels)  # pre-update centres
     if update_centers:
-        update_centers_(centers, raw.features, labels, center_beta)
+        update_centers_(centers, raw.features, labels, center_beta, sync=sync_centers)
 
     aug = augment_batch(
         images,
@@ -105,6 +108,7 @@ def train_step(
     generator: torch.Generator | None,
     augment: AugmentConfig,
     optim: OptimConfig,
+    sync_centers: bool = True,
 ) -> StepResult:
     """A full step: losses, backward, optional gradient clipping, optimiser step."""
     optimizer.zero_grad(set_to_none=True)
@@ -116,6 +120,7 @@ def train_step(
         augment=augment,
         center_beta=optim.center_beta,
         center_weight=optim.center_weight,
+        sync_centers=sync_centers,
     )
     res.loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

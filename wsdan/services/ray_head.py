@@ -37,6 +37,10 @@ class RayHeadConfig:
     min_worker_port: int = 21000
     max_worker_port: int = 21999
     auth_mode: str = "disabled"
+    # Ray's other fixed ports; None keeps Ray's default (set them to run two heads at once).
+    client_server_port: int | None = None  # Ray's default 10001
+    dashboard_agent_listen_port: int | None = None  # 52365
+    metrics_export_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -106,6 +110,11 @@ class RayHead:
                f"--max-worker-port={c.max_worker_port}", "--disable-usage-stats"]
         if c.num_cpus is not None:
             cmd.append(f"--num-cpus={c.num_cpus}")
+        for flag, value in (("ray-client-server-port", c.client_server_port),
+                            ("dashboard-agent-listen-port", c.dashboard_agent_listen_port),
+                            ("metrics-export-port", c.metrics_export_port)):
+            if value is not None:
+                cmd.append(f"--{flag}={value}")
         log = c.temp_dir / "ray-start.log"
         with open(log, "ab") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
