@@ -57,6 +57,8 @@ def ray_env(auth_mode: str = "disabled") -> dict[str, str]:
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node, bound to 127.0.0.1
     env["RAY_AUTH_MODE"] = auth_mode
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # `python` in a job's entrypoint is this environment's interpreter (the venv's).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
