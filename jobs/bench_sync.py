@@ -32,12 +32,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: dic
     from wsdan.config import AugmentConfig, OptimConfig
     from wsdan.model import build_model
     from wsdan.optim import build_optimizer
+    from wsdan.raytrain import no_buffer_sync
     from wsdan.train_step import train_step
 
     torch.manual_seed(0)
     model = build_model(args.backbone, num_classes=args.num_classes,
                         num_attentions=args.num_attentions)
-    ddp = DDP(model, broadcast_buffers=False)  # as the training job: see wsdan/raytrain.py
+    ddp = DDP(model, **no_buffer_sync())  # as the training job: see wsdan/raytrain.py
     ocfg = OptimConfig(lr=1e-3)
     opt = build_optimizer(model, ocfg, 1e-3)
     gen = torch.Generator().manual_seed(rank)

@@ -116,8 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # No per-forward buffer broadcast: it would send the K×(M·C) centres (20 MB at the
     # paper's size) three times a step although they are already kept equal by the one
     # all-reduce of the centre update. BN statistics are made rank 0's before evaluating.
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=no_buffer_sync())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     steps = max(config["num_train_rows"] // global_batch, 1)
@@ -170,6 +169,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         logger.log_attention(unwrap(model), config["figure_batch"], cfg,
                                              config.get("class_names") or [], epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the per-forward buffer broadcast (renamed in torch 2.14)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
 
 
 def _broadcast_buffers(module: torch.nn.Module, world: int) -> None:
