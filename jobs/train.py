@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> dict:
     tracking_uri = resolve_tracking_uri()
     setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-    with mlflow.start_run(run_name=spec.name) as run:
+    with mlflow.start_run(run_name=spec.name, log_system_metrics=True) as run:
         log_config(cfg)
         mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name,
                            "job.resumed": resumed is not None})

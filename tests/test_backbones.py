@@ -11,6 +11,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from wsdan import backbones as bb
+from wsdan import storage
 from wsdan.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -357,7 +358,7 @@ def test_s3_weights_go_through_storage(monkeypatch, resnet18_file):
         seen.append(uri)
         return data
 
-    monkeypatch.setattr(bb.storage, "read_bytes", fake_read_bytes)
+    monkeypatch.setattr(storage, "read_bytes", fake_read_bytes)
     backbone = build_backbone("resnet18", weights="s3://models/resnet18.pt")
     assert seen == ["s3://models/resnet18.pt"]
     _assert_loaded(backbone, state)

@@ -4,13 +4,13 @@ No public fine-grained data set can be downloaded on the machines this project r
 it ships a generator. Each image shows a bird-like object (body, head, beak, tail, wing,
 legs) on a cluttered background. The fine class is decided *only* by a small part, a glyph
 inside the head, which is a light disc in a dark ring so that a network can learn where to
-look. The glyph is drawn from a vocabulary of shape x colour x inner pattern (6 x 7 x 5 =
-210 patterns); its tight box covers about 2-5 % of the image. The same vocabulary also
-supplies 1-3 *distractor* glyphs on the wing, tail and belly and a few glyphs in the
-background, chosen at random per image, and the background is a colour gradient with
-random shapes and noise, so global colour or shape statistics do not solve the task (see
-tests/data/test_synthetic.py for a colour-histogram classifier that stays near chance on
-whole images and is far above it on the part box).
+look. The glyph is an entry of the part vocabulary of `wsdan.data.glyphs` (shape x colour x
+inner pattern, 6 x 7 x 5 = 210 entries); its tight box covers about 2-5 % of the image. The
+same vocabulary also supplies 1-3 *distractor* glyphs on the wing, tail and belly and a few
+glyphs in the background, chosen at random per image, and the background is a colour
+gradient with random shapes and noise, so global colour or shape statistics do not solve the
+task (see tests/data/test_synthetic.py for a colour-histogram classifier that stays near
+chance on whole images and is far above it on the part box).
 
 Each image also has a *coarse* label, body family x shape of the wing glyph (2 x 6 = 12
 classes). It is independent of the fine label and stands in for ImageNet pretraining: a
@@ -38,99 +38,47 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from wsdan.data.glyphs import (
+    _DARK,
+    _SUPERSAMPLE,
+    COLOURS,
+    PATTERNS,
+    SHAPES,
+    VOCABULARY_SIZE,
+    _background,
+    _draw_glyph,
+    _ellipse,
+    _pattern,
+    _poly,
+    _random_entry,
+    _rotation,
+)
+
+# The vocabulary (COLOURS, SHAPES, PATTERNS, VOCABULARY_SIZE) lives in wsdan.data.glyphs and
+# stays importable from here.
+__all__ = [
+    "COLOURS",
+    "FAMILIES",
+    "FORMAT_VERSION",
+    "PATTERNS",
+    "SHAPES",
+    "SPLITS",
+    "VOCABULARY_SIZE",
+    "SyntheticSample",
+    "SyntheticSpec",
+    "class_names",
+    "coarse_class_names",
+    "generate_arrays",
+    "load_synthetic_split",
+    "render_sample",
+    "sample_label",
+    "write_synthetic_dataset",
+]
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-
-# --- the part vocabulary ---------------------------------------------------------------
-# Colours sit in distinct cells of a 4x4x4 RGB histogram, so a part's colour is unambiguous.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (240, 140, 30),
-    "yellow": (235, 215, 40),
-    "green": (40, 170, 60),
-    "cyan": (40, 200, 210),
-    "blue": (40, 70, 220),
-    "magenta": (200, 50, 200),
-}
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-PATTERNS = ("solid", "stripes", "dot", "hollow", "split")
-# 7, 6 and 5 are pairwise coprime, so j -> (j % 7, j % 6, j % 5) enumerates all 210 patterns
-# (Chinese remainder theorem) and every prefix cycles through colours, shapes and patterns
-# at once: the first K classes are as far apart as K classes can be.
-VOCABULARY_SIZE = len(COLOURS) * len(SHAPES) * len(PATTERNS)
 FAMILIES = ("round", "slender")
-
-_DARK = (22, 20, 18)  # head ring, glyph patterns, legs
 _HEAD_INTERIOR = (236, 230, 214)  # constant cream: carries no class information
-# Clutter colours: 35 % a vocabulary colour, 40 % a neutral (black to white), else any. The
-# mix was tuned so that a colour-histogram classifier on whole images stays at chance: with
-# fewer neutrals the head's cream and dark pixels, whose amounts depend on the part's shape
-# and pattern, gave the class away; with fewer vocabulary colours the part's colour did.
-_CLUTTER_VOCAB_COLOUR_P = 0.35
-_CLUTTER_NEUTRAL_P = 0.4
-_CLUTTER_RADIUS = (0.05, 0.25)  # clutter shape semi-axes, fraction of the image side
-_SUPERSAMPLE = 2  # draw at 2x and box-filter down: cheap anti-aliasing for PIL's polygons
-
-
-def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
-    angles = phase + 2.0 * math.pi * np.arange(n) / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (n, 2)
-
-
-def _star() -> np.ndarray:
-    radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-    return radii[:, None] * _regular(10, 1.0, -math.pi / 2)
-
-
-_C = 0.34  # half-width of the cross's arms
-# Glyphs in unit coordinates (y down), each reaching about radius 1 from its centre.
-_GLYPHS: dict[str, np.ndarray] = {
-    "circle": _regular(32),
-    "square": np.array([(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]),
-    "triangle": _regular(3, 1.0, -math.pi / 2),
-    "diamond": np.array([(0.0, -1.0), (0.72, 0.0), (0.0, 1.0), (-0.72, 0.0)]),
-    "star": _star(),
-    "cross": np.array(
-        [
-            (-_C, -1),
-            (_C, -1),
-            (_C, -_C),
-            (1, -_C),
-            (1, _C),
-            (_C, _C),
-            (_C, 1),
-            (-_C, 1),
-            (-_C, _C),
-            (-1, _C),
-            (-1, -_C),
-            (-_C, -_C),
-        ],
-        dtype=float,
-    ),
-}
-
-
-def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], dtype=float)
-
-
-# Dark marks drawn over the glyph's colour (clipped to the glyph), in unit coordinates.
-_PATTERN_MARKS: dict[str, list[np.ndarray]] = {
-    "solid": [],
-    "stripes": [_rect(-1.2, y - 0.13, 1.2, y + 0.13) for y in (-0.55, 0.0, 0.55)],
-    "dot": [_regular(20, 0.38)],
-    "hollow": [],  # a hole instead: the inner half of the glyph shows what lies beneath
-    "split": [_rect(0.0, -1.2, 1.2, 1.2)],
-}
-
-
-def _pattern(index: int) -> tuple[str, str, str]:
-    """Vocabulary entry ``index`` as (colour, shape, pattern) names."""
-    return (
-        list(COLOURS)[index % len(COLOURS)],
-        SHAPES[index % len(SHAPES)],
-        PATTERNS[index % len(PATTERNS)],
-    )
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -230,107 +178,6 @@ class _Frame:
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         return points @ self.linear.T + self.offset
-
-
-def _rotation(angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s], [s, c]])
-
-
-def _ellipse(cx: float, cy: float, ax: float, ay: float, angle: float = 0.0) -> np.ndarray:
-    return _regular(40) * np.array([ax, ay]) @ _rotation(angle).T + np.array([cx, cy])
-
-
-def _poly(points: np.ndarray) -> list[tuple[float, float]]:
-    """Image pixels -> PIL polygon on the supersampled canvas."""
-    return [tuple(p) for p in (points * _SUPERSAMPLE).tolist()]
-
-
-def _draw_glyph(
-    canvas: Image.Image, entry: tuple[str, str, str], centre: np.ndarray, linear: np.ndarray
-) -> np.ndarray:
-    """Draw vocabulary glyph ``entry`` at image point ``centre`` with the 2x2 map ``linear``
-    (unit glyph -> image pixels); returns its outline (n, 2) in image pixels."""
-    colour, shape, pattern = entry
-    unit = _GLYPHS[shape]
-    outline = unit @ linear.T + centre
-    # Draw in a small tile and paste it through the glyph's mask: patterns stay clipped.
-    lo = np.floor(outline.min(axis=0) * _SUPERSAMPLE).astype(int) - 1
-    hi = np.ceil(outline.max(axis=0) * _SUPERSAMPLE).astype(int) + 1
-    tile_size = (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
-
-    def local(points: np.ndarray) -> list[tuple[float, float]]:
-        pts = (points @ linear.T + centre) * _SUPERSAMPLE - lo
-        return [tuple(p) for p in pts.tolist()]
-
-    mask = Image.new("L", tile_size, 0)
-    mask_draw = ImageDraw.Draw(mask)
-    mask_draw.polygon(local(unit), fill=255)
-    if pattern == "hollow":
-        mask_draw.polygon(local(0.5 * unit), fill=0)
-    tile = Image.new("RGB", tile_size, COLOURS[colour])
-    tile_draw = ImageDraw.Draw(tile)
-    for mark in _PATTERN_MARKS[pattern]:
-        tile_draw.polygon(local(mark), fill=_DARK)
-    canvas.paste(tile, (int(lo[0]), int(lo[1])), mask)
-    return outline
-
-
-def _random_entry(rng: np.random.Generator) -> tuple[str, str, str]:
-    return (
-        list(COLOURS)[rng.integers(len(COLOURS))],
-        SHAPES[rng.integers(len(SHAPES))],
-        PATTERNS[rng.integers(len(PATTERNS))],
-    )
-
-
-def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    """A clutter colour: often a vocabulary colour or a neutral (white to black), so that the
-    part's colour and the head's cream and dark pixels are common everywhere; else any."""
-    u = rng.random()
-    if u < _CLUTTER_VOCAB_COLOUR_P:
-        return list(COLOURS.values())[rng.integers(len(COLOURS))]
-    if u < _CLUTTER_VOCAB_COLOUR_P + _CLUTTER_NEUTRAL_P:
-        grey = rng.uniform(0.0, 255.0)
-        return tuple(int(np.clip(grey + v, 0, 255)) for v in rng.uniform(-12.0, 12.0, size=3))
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))
-
-
-def _background(rng: np.random.Generator, spec: SyntheticSpec, glyph_scale: float) -> Image.Image:
-    """A linear colour gradient in a random direction, clutter shapes and vocabulary glyphs;
-    the supersampled canvas."""
-    s = spec.image_size
-    c0, c1 = (np.array(_random_colour(rng), dtype=np.float32) for _ in range(2))
-    angle = rng.uniform(0.0, 2.0 * math.pi)
-    axis = np.arange(s, dtype=np.float32) / s
-    ramp = axis[None, :] * math.cos(angle) + axis[:, None] * math.sin(angle)  # (s, s)
-    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
-    gradient = (c0 + (c1 - c0) * ramp[..., None]).astype(np.uint8)  # (s, s, 3)
-    # Computed at the final size (4x fewer pixels): the box filter undoes the nearest resize.
-    canvas = Image.fromarray(gradient).resize((s * _SUPERSAMPLE,) * 2, Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(spec.num_clutter_shapes[0], spec.num_clutter_shapes[1] + 1)):
-        kind = rng.integers(3)
-        cx, cy = rng.uniform(0, s, size=2)
-        rx, ry = rng.uniform(*_CLUTTER_RADIUS, size=2) * s
-        theta = rng.uniform(0.0, math.pi)
-        colour = _random_colour(rng)
-        if kind == 0:
-            draw.polygon(_poly(_ellipse(cx, cy, rx, ry, theta)), fill=colour)
-        elif kind == 1:
-            draw.polygon(
-                _poly(_rect(-rx, -ry, rx, ry) @ _rotation(theta).T + (cx, cy)), fill=colour
-            )
-        else:  # a branch
-            d = np.array([math.cos(theta), math.sin(theta)]) * rx * 2.5
-            ends = np.array([[cx, cy] - d, [cx, cy] + d])
-            width = max(1, int(rng.uniform(0.01, 0.03) * s * _SUPERSAMPLE))
-            draw.line(_poly(ends), fill=colour, width=width)
-    for _ in range(rng.integers(spec.num_background_glyphs[0], spec.num_background_glyphs[1] + 1)):
-        centre = rng.uniform(0, s, size=2)
-        linear = glyph_scale * rng.uniform(0.6, 1.0) * _rotation(rng.uniform(0, 2 * math.pi))
-        _draw_glyph(canvas, _random_entry(rng), centre, linear)
-    return canvas
 
 
 def _body_colour(rng: np.random.Generator) -> np.ndarray:

@@ -21,16 +21,16 @@ import math
 
 import numpy as np
 
-from wsdan.data.synthetic import (
+from wsdan.data.glyphs import (
     _SUPERSAMPLE,
     PATTERNS,
     SHAPES,
-    SyntheticSpec,
     _background,
     _draw_glyph,
     _random_entry,
     _rotation,
 )
+from wsdan.data.synthetic import SyntheticSpec
 
 GLYPH_HALF_SIZE = (10.0, 40.0)  # pixels at 128 px; scaled with the image size
 

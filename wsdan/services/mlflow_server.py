@@ -39,7 +39,8 @@ from typing import Any
 
 import psutil
 
-from wsdan.services.seaweedfs import REGION, port_in_use
+from wsdan.services._process import port_in_use
+from wsdan.services.seaweedfs import REGION
 
 log = logging.getLogger(__name__)
 

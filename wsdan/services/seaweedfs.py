@@ -30,7 +30,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import string
 import subprocess
@@ -46,6 +45,33 @@ import boto3
 import psutil
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from wsdan.services._process import (
+    find_free_port,
+    find_free_ports,
+    port_in_use,
+    signal_group,
+    write_private,
+)
+
+# find_free_port, find_free_ports and port_in_use live in wsdan.services._process and stay
+# importable from here.
+__all__ = [
+    "CREDENTIAL_ENV_PAIRS",
+    "GRPC_PORT_OFFSET",
+    "REGION",
+    "WEED_BINARY_ENV",
+    "S3Server",
+    "S3ServerConfig",
+    "S3ServerError",
+    "check_bucket_name",
+    "credentials_from_env",
+    "find_free_port",
+    "find_free_ports",
+    "find_weed_binary",
+    "generate_credentials",
+    "port_in_use",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,35 +140,6 @@ def credentials_from_env(environ: dict[str, str] | None = None) -> tuple[str, st
             raise S3ServerError(f"S3 credentials half set: {missing} is missing")
     names = " or ".join(f"{a} and {s}" for a, s in CREDENTIAL_ENV_PAIRS)
     raise S3ServerError(f"no S3 credentials in the environment: set {names}")
-
-
-def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports free on ``host`` now (chosen by the kernel; for tests).
-
-    Another process may take one before it is used: a small race that tests accept.
-    """
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:  # all bound at once, so the kernel hands out distinct ports
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """One TCP port free on ``host`` now (see :func:`find_free_ports`)."""
-    return find_free_ports(1, host)[0]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something listens on (or holds) ``host:port``."""
-    with socket.socket() as sock:
-        # Go's listeners set SO_REUSEADDR too: a port held only by TIME_WAIT counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-        return False
 
 
 def check_bucket_name(name: str) -> None:
@@ -351,7 +348,7 @@ class S3Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and data inside
         for directory in (cfg.log_dir, cfg.store_dir):
             directory.mkdir(exist_ok=True)
-        _write_private(cfg.identities_file, json.dumps(_identities(cfg), indent=2) + "\n")
+        write_private(cfg.identities_file, json.dumps(_identities(cfg), indent=2) + "\n")
         command = cfg.command(binary)
         # The child needs no secret in its environment (it reads identities_file).
         secret_names = {secret for _, secret in CREDENTIAL_ENV_PAIRS}
@@ -369,7 +366,7 @@ class S3Server:
                 env=env,
                 start_new_session=True,  # outlives the CLI that started it; one group to signal
             )
-        _write_private(cfg.pid_file, f"{self._proc.pid}\n")
+        write_private(cfg.pid_file, f"{self._proc.pid}\n")
         log.info("SeaweedFS S3 server started, pid %d, %s", self._proc.pid, self.endpoint)
         if not wait:
             return
@@ -395,13 +392,13 @@ class S3Server:
         proc = self._process()
         if proc is not None:
             log.info("stopping S3 server pid %d", proc.pid)
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             if not self._wait_gone(proc, timeout):
                 if timeout > 0:
                     log.warning(
                         "S3 server pid %d up %g s after SIGTERM: SIGKILL", proc.pid, timeout
                     )
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 if not self._wait_gone(proc, 10.0):
                     raise S3ServerError(f"S3 server pid {proc.pid} survived SIGKILL")
             self._remove_sockets()
@@ -585,16 +582,6 @@ def _identities(cfg: S3ServerConfig) -> dict[str, Any]:
     }
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only (mode 0600)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier run
-    os.replace(tmp, path)
-
-
 def _ensure_bucket(client: Any, name: str) -> None:
     try:
         client.head_bucket(Bucket=name)
@@ -611,14 +598,6 @@ def _ensure_bucket(client: Any, name: str) -> None:
 
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", "unknown"))
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        if os.getpgid(pid) == pid:  # started with start_new_session: it leads its own group
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
 
 
 def _log_excerpt(path: Path, lines: int = 20) -> str:
