@@ -69,6 +69,11 @@ def main(args: argparse.Namespace) -> dict:
     tracking_uri = resolve_tracking_uri()
     setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < spec.num_workers + 1:
+        raise ConfigError(
+            f"--num-workers {spec.num_workers}: the Ray cluster has {cpus:g} CPUs; training "
+            "workers take one each and Ray Data needs at least one more to read and decode")
     with mlflow.start_run(run_name=spec.name, log_system_metrics=True) as run:
         log_config(cfg)
         mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name,

@@ -25,6 +25,7 @@ from ray.train import DataConfig
 
 from wsdan.config import TrainConfig
 from wsdan.engine import evaluate, train_one_epoch
+from wsdan.local import format_epoch
 from wsdan.model import build_model
 from wsdan.optim import build_optimizer, scaled_lr
 from wsdan.train_step import unwrap
@@ -162,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "metrics": {k: float(v) for k, v in metrics.items()},
                 })
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                print(f"[wsdan] {format_epoch(metrics)}", flush=True)  # in the job's logs
                 if logger is not None:
                     logger.log_epoch(metrics, epoch + 1)
                     if config.get("figure_batch") is not None and (

@@ -78,8 +78,12 @@ def s3_server(paths: StackPaths) -> S3Server:
 
 
 def ray_head(paths: StackPaths) -> RayHead:
+    # Logical CPUs = cores + 2: training workers take one CPU each, and Ray Data's read and
+    # decode tasks need CPUs of their own, or a 2-worker job on a 2-core machine would wait
+    # for data forever. WSDAN_RAY_CPUS overrides.
+    cpus = int(os.environ.get("WSDAN_RAY_CPUS", (os.cpu_count() or 2) + 2))
     return RayHead(RayHeadConfig(temp_dir=paths.ray_temp, port=_port("RAY", 6380),
-                                 dashboard_port=_port("RAY_DASHBOARD", 8265)))
+                                 dashboard_port=_port("RAY_DASHBOARD", 8265), num_cpus=cpus))
 
 
 def mlflow_server(paths: StackPaths, s3: S3Server):
