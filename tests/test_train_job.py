@@ -108,10 +108,16 @@ def test_two_worker_job_tracks_checkpoints_and_registers(
 
 
 def test_rerun_resumes_and_continues_the_epoch_count(prepared, ray_cluster, s3_env, mlflow_env):
-    first = _run("job-resume", prepared, "optim.epochs=1")
-    assert first["epochs"] == 1
-    second = _run("job-resume", prepared, "optim.epochs=2")
+    first = _run("job-resume", prepared, "optim.epochs=1", register="wsdan-e2e-resume")
+    assert first["epochs"] == 1 and first["champion"] is True
+    second = _run("job-resume", prepared, "optim.epochs=2", register="wsdan-e2e-resume")
     assert second["epochs"] == 2
+    # The alias moves only to a strictly better version (the rule, checked end to end).
+    assert second["champion"] == (second["val_fused_top1"] > first["val_fused_top1"])
+    from wsdan.tracking.registry import champion_version
+
+    expected = second["registered_version"] if second["champion"] else first["registered_version"]
+    assert champion_version("wsdan-e2e-resume") == str(expected)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
