@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads; "
           f"{cfg.model.backbone} at {cfg.data.image_size} px, {cfg.optim.epochs} epochs, "
-          f"{'pretrained (coarse task)' if cfg.model.weights else 'random init'}; "
+          f"{'pretrained (glyph task)' if cfg.model.weights else 'random init'}; "
           f"test split, {args.n_test} images, K={k}")
     print(f"{'model':<10}{'top-1':>8}{'raw':>8}{'crop':>8}{'peak in obj':>13}"
           f"{'peak in part':>14}{'box IoU':>9}{'wall':>8}")
