@@ -57,6 +57,7 @@ from wsdan.data.glyphs import (
 # The vocabulary (COLOURS, SHAPES, PATTERNS, VOCABULARY_SIZE) lives in wsdan.data.glyphs and
 # stays importable from here.
 __all__ = [
+    "ANNOTATION_COLUMNS",
     "COLOURS",
     "FAMILIES",
     "FORMAT_VERSION",
@@ -336,7 +337,7 @@ def generate_arrays(spec: SyntheticSpec, indices) -> dict[str, np.ndarray]:
 
 
 # --- on disk ---------------------------------------------------------------------------
-_COLUMNS = (
+ANNOTATION_COLUMNS = (  # annotations.csv; read back by wsdan.data.formats.synthetic
     "image_id",
     "path",
     "label",
@@ -438,7 +439,7 @@ def write_synthetic_dataset(
         )
     with open(root / "annotations.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(_COLUMNS)
+        writer.writerow(ANNOTATION_COLUMNS)
         writer.writerows(rows)
     (root / "classes.txt").write_text("\n".join(names) + "\n")
     (root / "coarse_classes.txt").write_text("\n".join(coarse_class_names()) + "\n")
@@ -467,9 +468,9 @@ def load_synthetic_split(root: str | Path, split: str) -> dict[str, np.ndarray]:
         "labels": np.array([int(r["label"]) for r in rows], dtype=np.int64),
         "coarse_labels": np.array([int(r["coarse_label"]) for r in rows], dtype=np.int64),
         "object_boxes": np.array(
-            [[float(r[c]) for c in _COLUMNS[6:10]] for r in rows], dtype=np.float32
+            [[float(r[c]) for c in ANNOTATION_COLUMNS[6:10]] for r in rows], dtype=np.float32
         ).reshape(-1, 4),
         "part_boxes": np.array(
-            [[float(r[c]) for c in _COLUMNS[10:14]] for r in rows], dtype=np.float32
+            [[float(r[c]) for c in ANNOTATION_COLUMNS[10:14]] for r in rows], dtype=np.float32
         ).reshape(-1, 4),
     }

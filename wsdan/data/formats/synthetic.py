@@ -16,6 +16,8 @@ import csv
 import io
 import json
 
+from wsdan.data.synthetic import ANNOTATION_COLUMNS
+
 from ._common import (
     SPLITS,
     DatasetListing,
@@ -28,21 +30,8 @@ from ._common import (
 )
 
 NAME = "synthetic"
-_REQUIRED = (
-    "image_id",
-    "path",
-    "label",
-    "label_name",
-    "split",
-    "obj_x0",
-    "obj_y0",
-    "obj_x1",
-    "obj_y1",
-    "part_x0",
-    "part_y0",
-    "part_x1",
-    "part_y1",
-)
+# The writer's columns, less the pretraining-only coarse label: one source of truth.
+_REQUIRED = tuple(c for c in ANNOTATION_COLUMNS if c != "coarse_label")
 
 
 def read_synthetic(tree: SourceTree) -> DatasetListing:
