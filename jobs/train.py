@@ -14,11 +14,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from wsdan.config import ConfigError, TrainConfig
-from wsdan.launcher import JobSpec, check_data, check_resume
+from wsdan.launcher import JobSpec, preflight
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,68 +42,30 @@ def main(args: argparse.Namespace) -> dict:
     spec = JobSpec(name=args.name or Path(args.config).stem, storage_path=args.storage_path,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
-    if cfg.model.sync_batchnorm and not spec.use_gpu:
-        raise ConfigError("model.sync_batchnorm: needs --use-gpu (torch's SyncBatchNorm has "
-                          "no CPU path)")
-    if not cfg.data.source:
-        raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
-    from wsdan.data.pipeline import build_dataset, iter_torch, read_manifest
-
-    manifest = read_manifest(cfg.data.source)
-    check_data(cfg, manifest)
-    resumed = check_resume(cfg, spec)
+    manifest, resumed = preflight(cfg, spec)
 
     import mlflow
     import ray
 
-    from wsdan.launcher import (
-        best_checkpoint,
-        build_trainer,
-        log_final_figures,
-        model_from_checkpoint,
-    )
+    from wsdan.launcher import check_cluster, log_final_figures, run_job
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. One MLflow run per job, created here (never by the workers).
     tracking_uri = resolve_tracking_uri()
     setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < spec.num_workers + 1:
-        raise ConfigError(
-            f"--num-workers {spec.num_workers}: the Ray cluster has {cpus:g} CPUs; training "
-            "workers take one each and Ray Data needs at least one more to read and decode")
+    check_cluster(spec)
     with mlflow.start_run(run_name=spec.name, log_system_metrics=True) as run:
         log_config(cfg)
         mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name,
                            "job.resumed": resumed is not None})
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
-        datasets = {
-            "train": build_dataset(cfg.data.source, "train", cfg=cfg.data, train=True,
-                                   seed=cfg.seed, shuffle=True),
-            "val": build_dataset(cfg.data.source, "val", cfg=cfg.data, train=False,
-                                 seed=cfg.seed, shuffle=False),
-        }
-        class_names = list(manifest["classes"])
-        figure_batch = next(iter_torch(datasets["val"], 8))  # fixed: val is not shuffled
-        trainer = build_trainer(
-            cfg, spec, datasets=datasets, num_train_rows=int(manifest["counts"]["train"]),
-            class_names=class_names, figure_batch=figure_batch,
-            mlflow_spec={"tracking_uri": tracking_uri, "run_id": run.info.run_id})
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        wall = time.perf_counter() - t0
-        if result.error:
-            raise result.error
-        model, state = model_from_checkpoint(best_checkpoint(result))
-        metrics = state["metrics"]
-        log_final_figures(model, cfg, datasets["val"], class_names)
-        last = result.metrics or {}
-        summary = {"run_id": run.info.run_id, "epochs": int(last.get("epoch", state["epoch"])),
-                   "best_epoch": int(state["epoch"]), "wall_s": round(wall, 1),
-                   **{k: metrics[k] for k in metrics if k.startswith("val_")}}
+        job = run_job(cfg, spec, manifest=manifest,
+                      mlflow_spec={"tracking_uri": tracking_uri, "run_id": run.info.run_id})
+        log_final_figures(job.model, cfg, job.datasets["val"], job.class_names)
+        summary = {"run_id": run.info.run_id, **job.summary()}
         if args.register_as:
-            summary.update(_register(model, cfg, manifest, metrics, args.register_as))
+            summary.update(_register(job.model, cfg, manifest, job.metrics, args.register_as))
     print(json.dumps(summary))
     return summary
 

@@ -64,7 +64,10 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, Any]]:
     """One local Ray for the session: 4 logical CPUs (more than the cores, so a read task, a
-    decode task and two consumers can run at once), loopback only, no dashboard.
+    decode task and two consumers can run at once), loopback only, with the dashboard, as
+    every real cluster has it: Ray Train's placement-group cleaner asks its State API
+    whether a controller is still alive, and without it the placement groups of trials
+    stopped early by a sweep would stay reserved.
 
     Its worker processes see ``s3_server``'s AWS_* variables, as the nodes of a real cluster
     carry their own credentials: the pyarrow S3 file system that Ray Data ships to the
@@ -82,7 +85,10 @@ def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, Any]]:
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)  # inherited by the raylet, hence by every worker it starts
     try:
-        info = ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir)
+        from wsdan.services import find_free_port
+
+        info = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                        dashboard_port=find_free_port(), _temp_dir=temp_dir)
     finally:
         for name, value in saved.items():
             if value is None:

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("jobs.prepare_data", "convert a data set to Parquet shards (local or s3://)"),
     "data generate": ("jobs.generate_data", "write the generated fine-grained data set"),
     "train": ("jobs.train", "the distributed training job (Ray Train, MLflow)"),
+    "tune": ("tuning.sweep", "Ray Tune sweep over M, β, thresholds and lr, logged to MLflow"),
     "evaluate": ("jobs.evaluate", "evaluate a registered model or checkpoint on a split"),
     "pretrain": ("jobs.pretrain", "pretrain the stand-in backbone on the generated glyph task"),
     "train-local": ("jobs.train_local", "train WS-DAN in one process on the generated data set"),

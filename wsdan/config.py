@@ -189,6 +189,17 @@ class TrainConfig:
         """Dotted keys → values, e.g. for MLflow params or a Tune search space."""
         return flatten(self.to_dict())
 
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with flat dotted-key overrides applied, e.g. ``{"model.num_attentions": 16,
+        "optim.lr": 0.01}`` (a Tune trial's config). Validated exactly as ``key=value``
+        overrides on the command line are: an unknown key or a rejected value raises
+        :class:`ConfigError` naming the dotted key. Values are taken as they are (not parsed
+        from text); numbers are converted to the field's type where that is lossless."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(d, str(key), value, what=f"override {key!r}")
+        return from_dict(TrainConfig, d)
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain dict of a config dataclass (tuples become lists)."""
@@ -284,11 +295,21 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw), what=f"override {item!r}")
     return out
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any, *, what: str) -> None:
+    """``d[a][b] = value`` for ``key = "a.b"``. A missing section is created (``from_dict``
+    then names it as an unknown key); a value where a section should be is an error."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{what}: {key!r} is not a dotted config key")
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {p} is not a section")
+    if isinstance(node.get(parts[-1]), dict):
+        raise ConfigError(f"{what}: {key} is a section, not a value")
+    node[parts[-1]] = value

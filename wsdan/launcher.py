@@ -7,7 +7,10 @@ resumed job's class count) is checked here, before any cluster work starts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from wsdan import storage
@@ -25,12 +28,92 @@ class JobSpec:
     use_gpu: bool = False
     max_failures: int = 2
     keep_checkpoints: int = 2
+    # Ray resources of one training worker, e.g. {"CPU": 4, "GPU": 1}; None: Ray Train's
+    # default (one CPU, or one GPU with use_gpu).
+    resources_per_worker: Mapping[str, float] | None = None
+    # Upper bound on the CPUs this job's Ray Data reads and decodes may hold at once; None:
+    # no bound. Jobs that share a cluster (the trials of a sweep) set it so one job's
+    # decoding cannot take the CPUs another job's training workers wait for.
+    data_cpus: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        for key, value in (self.resources_per_worker or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"resources_per_worker.{key}: must be a number >= 0, "
+                                  f"got {value!r}")
+        if self.data_cpus is not None and not self.data_cpus > 0:
+            raise ConfigError(f"data_cpus: must be > 0 or unset, got {self.data_cpus!r}")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one training worker holds (Ray Train's defaults filled in)."""
+        res = dict(self.resources_per_worker or {})
+        if self.use_gpu:
+            res.setdefault("GPU", 1.0)
+            res.setdefault("CPU", 1.0)
+        else:
+            res.setdefault("CPU", 1.0)
+        return res
+
+
+@dataclass
+class JobResult:
+    """What one training job produced (:func:`run_job`)."""
+
+    model: WSDAN  # the best checkpoint's model, on the CPU, in eval mode
+    state: dict[str, Any]  # that checkpoint's contents (epoch, metrics, config, ...)
+    checkpoint: Any  # ray.train.Checkpoint of the best epoch
+    metrics: dict[str, float]  # the best checkpoint's metrics
+    epochs: int  # epochs completed in all (a resumed job counts the earlier ones)
+    best_epoch: int
+    wall_s: float
+    datasets: dict[str, Any] = field(repr=False)
+    class_names: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch,
+                "wall_s": round(self.wall_s, 1),
+                **{k: self.metrics[k] for k in self.metrics if k.startswith("val_")}}
+
+
+def preflight(cfg: TrainConfig, spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every check that needs no cluster: the config against the job spec, the data set's
+    manifest against the config, and a resumed job's identity. Returns the manifest and the
+    resumed job's record (None for a new job). Raises :class:`ConfigError` naming the key."""
+    if cfg.model.sync_batchnorm and not spec.use_gpu:
+        raise ConfigError("model.sync_batchnorm: needs --use-gpu (torch's SyncBatchNorm has "
+                          "no CPU path)")
+    if not cfg.data.source:
+        raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
+    from wsdan.data.pipeline import read_manifest
+
+    manifest = read_manifest(cfg.data.source)
+    check_data(cfg, manifest)
+    return manifest, check_resume(cfg, spec)
+
+
+def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1) -> None:
+    """The connected Ray cluster must hold ``concurrent_jobs`` such jobs at once: their
+    training workers plus at least one CPU left for Ray Data (``spec.data_cpus`` each when
+    set)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = spec.worker_resources()
+    data = spec.data_cpus if spec.data_cpus is not None else 1.0
+    for key, per_worker in need.items():
+        want = concurrent_jobs * (spec.num_workers * per_worker + (data if key == "CPU" else 0))
+        have = total.get(key, 0.0)
+        if have < want:
+            flag = "--use-gpu" if key == "GPU" else "--num-workers"
+            raise ConfigError(
+                f"{flag}: {concurrent_jobs} job(s) of {spec.num_workers} worker(s) need "
+                f"{want:g} {key} ({per_worker:g} per worker"
+                + (f", {data:g} for Ray Data" if key == "CPU" else "")
+                + f"); the Ray cluster has {have:g}")
 
 
 def check_data(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -80,8 +163,12 @@ def build_trainer(
     class_names: list[str],
     figure_batch: dict[str, Any] | None = None,
     mlflow_spec: dict[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
 ):
-    """A TorchTrainer running ``wsdan.raytrain.train_loop_per_worker``."""
+    """A TorchTrainer running ``wsdan.raytrain.train_loop_per_worker``.
+
+    callbacks: extra ``ray.train.UserCallback`` objects for the run (a sweep passes Tune's
+    ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -90,20 +177,22 @@ def build_trainer(
     if storage.is_remote(spec.storage_path):
         fs, path = storage.filesystem_and_path(spec.storage_path)
     else:
-        import os
-
         fs, path = None, os.path.abspath(spec.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "num_train_rows": num_train_rows,
                            "class_names": class_names, "mlflow": mlflow_spec,
                            "figure_batch": figure_batch},
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+            resources_per_worker=dict(spec.resources_per_worker)
+            if spec.resources_per_worker else None),
         run_config=RunConfig(
             name=spec.name,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.max_failures),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints,
                 checkpoint_score_attribute="val_fused_top1",
@@ -111,8 +200,56 @@ def build_trainer(
             ),
         ),
         datasets=datasets,
-        dataset_config=ExactEvalDataConfig(),
+        dataset_config=ExactEvalDataConfig(data_cpus=spec.data_cpus),
     )
+
+
+def run_job(
+    cfg: TrainConfig,
+    spec: JobSpec,
+    *,
+    manifest: Mapping[str, Any],
+    mlflow_spec: dict[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
+    figures: bool = True,
+) -> JobResult:
+    """Run one training job on the connected Ray cluster and return its best model.
+
+    The caller has run :func:`preflight` (which gives ``manifest``) and connected to Ray;
+    creating an MLflow run and registering the model are the caller's too. mlflow_spec
+    (``tracking_uri``, ``run_id``): rank 0 logs per-epoch metrics (and, with ``figures``,
+    attention heat-maps) to that existing run. callbacks: extra ``ray.train.UserCallback``
+    objects. Raises the training error if the run failed after its retries.
+    """
+    from wsdan.data.pipeline import build_dataset, iter_torch
+
+    datasets = {
+        "train": build_dataset(cfg.data.source, "train", cfg=cfg.data, train=True,
+                               seed=cfg.seed, shuffle=True),
+        "val": build_dataset(cfg.data.source, "val", cfg=cfg.data, train=False,
+                             seed=cfg.seed, shuffle=False),
+    }
+    class_names = [str(c) for c in manifest["classes"]]
+    figure_batch = None
+    if figures and mlflow_spec:
+        figure_batch = next(iter_torch(datasets["val"], 8))  # fixed: val is not shuffled
+    trainer = build_trainer(
+        cfg, spec, datasets=datasets, num_train_rows=int(manifest["counts"]["train"]),
+        class_names=class_names, figure_batch=figure_batch, mlflow_spec=mlflow_spec,
+        callbacks=callbacks)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    checkpoint = best_checkpoint(result)
+    model, state = model_from_checkpoint(checkpoint)
+    last = result.metrics or {}
+    return JobResult(model=model, state=state, checkpoint=checkpoint,
+                     metrics=dict(state["metrics"]),
+                     epochs=int(last.get("epoch", state["epoch"])),
+                     best_epoch=int(state["epoch"]), wall_s=wall, datasets=datasets,
+                     class_names=class_names)
 
 
 def best_checkpoint(result) -> Any:

@@ -37,11 +37,22 @@ FIGURE_EVERY = 2  # epochs between attention heat-map figures (and the last epoc
 class ExactEvalDataConfig(DataConfig):
     """Split ``train`` equally across workers (DDP needs the same number of steps on every
     rank) and the evaluation datasets *without* dropping rows (``equal=False``), so that
-    summed counts cover every validation image exactly once."""
+    summed counts cover every validation image exactly once.
 
-    def __init__(self, exact: tuple[str, ...] = ("val", "test"), **kwargs: Any) -> None:
+    data_cpus caps the CPUs that each of the job's datasets may hold at once (Ray Data's
+    ``resource_limits``): jobs sharing a cluster then leave each other's workers alone."""
+
+    def __init__(self, exact: tuple[str, ...] = ("val", "test"), *,
+                 data_cpus: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._exact = set(exact)
+        self._data_cpus = data_cpus
+
+    def _resolve_execution_options(self, dataset_name: str):
+        options = super()._resolve_execution_options(dataset_name)
+        if self._data_cpus is not None:
+            options.resource_limits = options.resource_limits.copy(cpu=self._data_cpus)
+        return options
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         exact = {k: v for k, v in datasets.items() if k in self._exact}
