@@ -45,6 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="register the best trial's model under this name (champion rule)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts within one trial before it counts as failed")
+    p.add_argument("--sync-period", type=int, default=30,
+                   help="seconds between uploads of the sweep state to a remote storage path: "
+                        "a driver that dies loses at most this much of the sweep's record")
     p.add_argument("overrides", nargs="*", help="base config overrides, key=value")
     return p
 
@@ -94,6 +97,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # 1. Everything checkable before touching the cluster or MLflow.
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
+    if not args.sync_period > 0:
+        raise ConfigError(f"--sync-period: must be > 0 seconds, got {args.sync_period}")
     name, sweep, state = load(args)
     if not sweep.train.data.source:
         raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
@@ -108,7 +113,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. Cluster and tracking.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # sweep state: small, save often
+    # The sweep state is small: write it often (and upload it every --sync-period).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(min(5.0, args.sync_period)))
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
@@ -135,7 +141,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.experiment!r} at {tracking_uri}", flush=True)
     try:
         t0 = time.perf_counter()
-        grid = _tuner(sweep, setup, name, root, concurrent, resume=args.resume is not None).fit()
+        grid = _tuner(sweep, setup, name, root, concurrent, resume=args.resume is not None,
+                      sync_period=args.sync_period).fit()
         summary = _finish(grid, sweep, name, args.register_as, manifest)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         mlflow.log_metric("sweep_wall_s", summary["wall_s"])
@@ -183,7 +190,8 @@ def _log_sweep(sweep, name: str, concurrent: int, log_config) -> None:
     mlflow.log_text(sweep.train.to_yaml(), "base_config.yaml")
 
 
-def _tuner(sweep, setup, name: str, root: str, concurrent: int, *, resume: bool):
+def _tuner(sweep, setup, name: str, root: str, concurrent: int, *, resume: bool,
+           sync_period: float):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -222,7 +230,8 @@ def _tuner(sweep, setup, name: str, root: str, concurrent: int, *, resume: bool)
         run_config=tune.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[TrialRunStatus(setup)], verbose=1),
+            callbacks=[TrialRunStatus(setup)], verbose=1,
+            sync_config=tune.SyncConfig(sync_period=sync_period)),
     )
 
 

@@ -46,10 +46,13 @@ class TrialSetup:
 
 def train_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: one training job with this trial's parameters."""
+    import ray.data
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from wsdan.launcher import JobSpec, preflight, run_job
 
+    # Many trials at once: their data progress bars would bury the sweep's own table.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     cfg = setup.sweep.trial_config(params)

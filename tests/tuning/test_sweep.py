@@ -232,10 +232,13 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
     path = _sweep_file(tmp_path, colours, trials=3,
                        resources={"num_workers": 1, "data_cpus": 1, "max_concurrent": 2})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
-    argv = [sys.executable, "-m", "tuning.sweep", "--storage-path", f"s3://{BUCKET}/sweeps"]
-    proc = subprocess.Popen([*argv, "--config", str(path), "--name", "sweep-resume"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    argv = [sys.executable, "-m", "tuning.sweep", "--storage-path", f"s3://{BUCKET}/sweeps",
+            "--sync-period", "2"]
+    log = tmp_path / "driver.log"  # a file, not a pipe nobody reads while it runs
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([*argv, "--config", str(path), "--name", "sweep-resume"],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     first: set[str] = set()
     deadline = time.monotonic() + 400
     while not first and time.monotonic() < deadline and proc.poll() is None:
@@ -243,14 +246,15 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
             first |= _terminated_trials(state)
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    out = log.read_text()
     assert first, out[-3000:]
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
 
     done = subprocess.run([*argv, "--resume", "sweep-resume"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith('{"sweep"')][-1])
     assert summary["trials"] == 3 and summary["trials_failed"] == 0
     assert first <= set(summary["statuses"])
     # The finished trial was not rerun: its child run has each epoch once, and it was
@@ -265,3 +269,45 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
         assert steps == sorted(set(steps)), steps
         assert children[trial_id].info.status in ("FINISHED", "KILLED")
     assert client.get_run(summary["parent_run_id"]).data.tags.get("wsdan.resumed") == "true"
+
+
+def test_sweep_submitted_with_ray_job_submit(colours, s3_server, mlflow_server, tmp_path):
+    """The same sweep as a `ray job submit` job on a `ray start --head` cluster on loopback
+    (its own temp dir and ports): the job SUCCEEDS and the sweep's summary is in its logs.
+    The node carries the S3 and MLflow settings; the submission names only the sweep."""
+    from wsdan.services import find_free_ports
+    from wsdan.services.ray_head import RayHead, RayHeadConfig, ray_env
+
+    path = _sweep_file(tmp_path, colours)
+    gcs, dash, client, agent, metrics = find_free_ports(5)
+    head = RayHead(RayHeadConfig(temp_dir=Path(f"/tmp/wsdan-rt-{os.getpid()}"), port=gcs,
+                                 dashboard_port=dash, num_cpus=4, client_server_port=client,
+                                 dashboard_agent_listen_port=agent,
+                                 metrics_export_port=metrics))
+    head.start(extra_env={**s3_server.aws_env(),
+                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
+    try:
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        submit = [ray_bin, "job", "submit", "--address", head.config.dashboard_url,
+                  "--working-dir", ".", "--no-wait", "--", "python", "-m", "tuning.sweep",
+                  "--config", str(path), "--name", "sweep-submitted",
+                  "--storage-path", f"s3://{BUCKET}/sweeps"]
+        done = subprocess.run(submit, env=ray_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        import re
+
+        job_id = re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+        # What a user does next: follow the logs until the job ends, then ask its status.
+        logs = subprocess.run([ray_bin, "job", "logs", "--address", head.config.dashboard_url,
+                               "--follow", job_id], env=ray_env(), capture_output=True,
+                              text=True, timeout=900).stdout
+        status = subprocess.run([ray_bin, "job", "status", "--address",
+                                 head.config.dashboard_url, job_id], env=ray_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr, logs[-4000:]
+        summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
+        assert summary["trials"] == 4 and summary["trials_failed"] == 0
+        assert "| trial_id |" in logs  # the results table is printed for the user
+    finally:
+        head.stop()
