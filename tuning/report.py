@@ -182,6 +182,10 @@ def _isnan(v: Any) -> bool:
 
 
 def _trial_id_from_path(path: str | None) -> str:
-    # Tune names trial folders "<trainable>_<trial_id>_<n>_<params>_<date>"
-    parts = (path or "").rstrip("/").rsplit("/", 1)[-1].split("_")
-    return parts[2] if len(parts) > 2 else ""
+    """The trial id in a Tune trial folder name, "train_trial_<id>_<n>_<params>_<date>"
+    (ids: "e3a9a23d" from a searcher, "5ef35_00000" from random search)."""
+    import re
+
+    name = (path or "").rstrip("/").rsplit("/", 1)[-1]
+    m = re.match(r"^train_trial_([0-9a-f]+(?:_\d{5})?)_\d+_", name)
+    return m.group(1) if m else name

@@ -173,3 +173,11 @@ def test_space_overrides_skip_unknown_params():
     base = TrainConfig.from_yaml(BASE)
     space = SearchSpace.parse({"optim.lr": {"choice": [0.01]}}, base)
     assert space.overrides({"optim.lr": 0.01, "other": 3}) == {"optim.lr": 0.01}
+
+
+def test_trial_id_from_a_tune_trial_folder():
+    from tuning.report import _trial_id_from_path
+
+    assert _trial_id_from_path("s3b/sweeps/x/train_trial_e3a9a23d_1_optim.lr=0.01_2026") == \
+        "e3a9a23d"
+    assert _trial_id_from_path("/r/x/train_trial_5ef35_00000_0_a=1_2026-11-30") == "5ef35_00000"

@@ -311,3 +311,32 @@ def test_sweep_submitted_with_ray_job_submit(colours, s3_server, mlflow_server, 
         assert "| trial_id |" in logs  # the results table is printed for the user
     finally:
         head.stop()
+
+
+def test_a_failing_trial_is_reported_and_the_sweep_goes_on(colours, ray_cluster, s3_env,
+                                                           mlflow_env, tmp_path):
+    """One trial's weights file does not exist (its workers fail to load it): that trial is
+    FAILED, with the error, in the table and in its child run; the other one finishes."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    missing = f"s3://{BUCKET}/no-such-weights.pt"
+    # Seeded TPE (seed 0) draws the missing file first, then no weights.
+    path = _sweep_file(tmp_path, colours, trials=2, seed=0,
+                       overrides={**TINY, "data.source": colours, "optim.epochs": 1},
+                       space={"model.weights": {"choice": [None, missing]}},
+                       resources={"num_workers": 1, "data_cpus": 1, "max_concurrent": 1})
+    out = sweep_job.main(_args("--config", str(path), "--name", "sweep-fail", "--max-failures",
+                               "0", "--storage-path", str(tmp_path / "sweeps")))
+    assert sorted(out["statuses"].values()) == ["FAILED", "FINISHED"]
+    assert out["trials_failed"] == 1 and out["best_val_fused_top1"] >= 0
+    client = MlflowClient()
+    children = _children(client, out["parent_run_id"])
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1 and "no-such-weights.pt" in failed[0].data.tags["wsdan.error"]
+    assert failed[0].data.params["model.weights"] == missing
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=out["parent_run_id"], artifact_path="results.csv"))
+    row = table[table["status"] == "FAILED"].iloc[0]
+    assert "no-such-weights.pt" in row["error"] and row["epochs"] == 0
