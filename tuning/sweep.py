@@ -136,9 +136,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup = TrialSetup(sweep_name=name, sweep=sweep, jobs_storage=f"{root}/{name}/jobs",
                        tracking_uri=tracking_uri, experiment_id=experiment_id,
                        parent_run_id=parent.info.run_id, max_failures=args.max_failures)
+    where = (f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/"
+             f"{parent.info.run_id}" if tracking_uri.startswith("http")
+             else f"run {parent.info.run_id} in {tracking_uri}")
     print(f"[wsdan] sweep {name}: {sweep.trials} trials, {concurrent} at a time, "
-          f"{sweep.epochs} epochs each; MLflow run {parent.info.run_id} in experiment "
-          f"{args.experiment!r} at {tracking_uri}", flush=True)
+          f"{sweep.epochs} epochs each; MLflow: {where}", flush=True)
     try:
         t0 = time.perf_counter()
         grid = _tuner(sweep, setup, name, root, concurrent, resume=args.resume is not None,
