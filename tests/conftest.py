@@ -21,6 +21,9 @@ from wsdan.services import S3Server, S3ServerConfig, generate_credentials
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# The tests start their own clusters: never attach to one named by the caller's shell (for
+# example after `eval "$(wsdan stack env)"`).
+os.environ.pop("RAY_ADDRESS", None)
 
 # -- object store (SeaweedFS S3) -------------------------------------------------------------
 
