@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from wsdan.config import ConfigError, TrainConfig
+from wsdan.config import TrainConfig
 from wsdan.launcher import JobSpec, preflight
 
 
@@ -82,8 +82,6 @@ def _register(model, cfg: TrainConfig, manifest: dict, metrics: dict, name: str)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))

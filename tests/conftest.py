@@ -154,3 +154,26 @@ def mlflow_env(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
             mlflow.end_run()
         # Clears MLflow's global URI (and the variable, which monkeypatch then restores).
         mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def ray_head_node(s3_server: S3Server, mlflow_server: Any) -> Iterator[Any]:
+    """A `ray start --head` cluster of its own (temp dir, free ports, 4 logical CPUs, the
+    dashboard and job server) whose node carries the S3 and MLflow settings, as the nodes
+    of a real cluster do: what is submitted to it names only the job. Stopped afterwards."""
+    from pathlib import Path
+
+    from wsdan.services import find_free_ports
+    from wsdan.services.ray_head import RayHead, RayHeadConfig
+
+    gcs, dash, client, agent, metrics = find_free_ports(5)
+    head = RayHead(RayHeadConfig(temp_dir=Path(tempfile.mkdtemp(prefix="wsdan-rh-", dir="/tmp")),
+                                 port=gcs, dashboard_port=dash, num_cpus=4,
+                                 client_server_port=client, dashboard_agent_listen_port=agent,
+                                 metrics_export_port=metrics))
+    head.start(extra_env={**s3_server.aws_env(),
+                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
+    try:
+        yield head
+    finally:
+        head.stop()

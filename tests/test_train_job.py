@@ -180,34 +180,22 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
 
 
-def test_ray_job_submit_to_a_head_node(prepared, s3_server, mlflow_server, tmp_path):
+def test_ray_job_submit_to_a_head_node(prepared, ray_head_node):
     """`ray job submit` to a `ray start --head` cluster (its own temp dir and ports); the
     node carries the S3 and MLflow settings, the submission only names the job."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from wsdan.services import find_free_ports
-    from wsdan.services.ray_head import RayHead, RayHeadConfig, ray_env
+    from wsdan.services.ray_head import ray_env
 
-    gcs, dash, client, agent, metrics = find_free_ports(5)
-    head = RayHead(RayHeadConfig(temp_dir=Path(f"/tmp/wsdan-rh-{os.getpid()}"), port=gcs,
-                                 dashboard_port=dash, num_cpus=4, client_server_port=client,
-                                 dashboard_agent_listen_port=agent,
-                                 metrics_export_port=metrics))
-    head.start(extra_env={**s3_server.aws_env(),
-                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
-    try:
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "job", "submit", "--address", head.config.dashboard_url,
-               "--working-dir", ".", "--", "python",
-               *_job_argv("job-submit", prepared, "optim.epochs=1")]
-        done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600)
-        logs = done.stdout + done.stderr
-        assert done.returncode == 0, logs[-4000:]
-        assert "succeeded" in logs
-        summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
-        assert summary["epochs"] == 1
-    finally:
-        head.stop()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "job", "submit", "--address", ray_head_node.config.dashboard_url,
+           "--working-dir", ".", "--", "python",
+           *_job_argv("job-submit", prepared, "optim.epochs=1")]
+    done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs
+    summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
+    assert summary["epochs"] == 1

@@ -320,8 +320,6 @@ def _checkpoint_fs(path: str):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))

@@ -144,7 +144,14 @@ class TrialRunStatus(tune.Callback):
 
 
 def _error_text(trial: Any) -> str:
+    """The trial's error as Tune wrote it, from the driver's local copy (the copy under the
+    storage path is uploaded later)."""
+    from pathlib import Path
+
     try:
+        path = trial.error_file and Path(trial.error_file)
+        if path and path.is_file():
+            return path.read_text()
         err = trial.get_pickled_error() or trial.get_error()
     except Exception as e:  # noqa: BLE001 - the error file may be gone; say so
         return f"(error not readable: {e})"

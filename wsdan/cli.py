@@ -52,7 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     job_parser = module.get_args_parser()
     job_parser.prog = f"wsdan {command}"
-    module.main(job_parser.parse_args(rest))
+    return run_main(module.main, job_parser, rest)
+
+
+def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Run a job's ``main`` on parsed arguments; a :class:`~wsdan.config.ConfigError` (bad
+    input, found before any cluster work) prints ``error: ...`` and returns exit code 2."""
+    from wsdan.config import ConfigError
+
+    try:
+        job_main(parser.parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

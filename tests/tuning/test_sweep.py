@@ -271,46 +271,33 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
     assert client.get_run(summary["parent_run_id"]).data.tags.get("wsdan.resumed") == "true"
 
 
-def test_sweep_submitted_with_ray_job_submit(colours, s3_server, mlflow_server, tmp_path):
+def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, tmp_path):
     """The same sweep as a `ray job submit` job on a `ray start --head` cluster on loopback
     (its own temp dir and ports): the job SUCCEEDS and the sweep's summary is in its logs.
     The node carries the S3 and MLflow settings; the submission names only the sweep."""
-    from wsdan.services import find_free_ports
-    from wsdan.services.ray_head import RayHead, RayHeadConfig, ray_env
+    import re
+
+    from wsdan.services.ray_head import ray_env
 
     path = _sweep_file(tmp_path, colours)
-    gcs, dash, client, agent, metrics = find_free_ports(5)
-    head = RayHead(RayHeadConfig(temp_dir=Path(f"/tmp/wsdan-rt-{os.getpid()}"), port=gcs,
-                                 dashboard_port=dash, num_cpus=4, client_server_port=client,
-                                 dashboard_agent_listen_port=agent,
-                                 metrics_export_port=metrics))
-    head.start(extra_env={**s3_server.aws_env(),
-                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
-    try:
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        submit = [ray_bin, "job", "submit", "--address", head.config.dashboard_url,
-                  "--working-dir", ".", "--no-wait", "--", "python", "-m", "tuning.sweep",
-                  "--config", str(path), "--name", "sweep-submitted",
-                  "--storage-path", f"s3://{BUCKET}/sweeps"]
-        done = subprocess.run(submit, env=ray_env(), capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        import re
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    address = ["--address", ray_head_node.config.dashboard_url]
+    submit = [ray_bin, "job", "submit", *address, "--working-dir", ".", "--no-wait", "--",
+              "python", "-m", "tuning.sweep", "--config", str(path), "--name",
+              "sweep-submitted", "--storage-path", f"s3://{BUCKET}/sweeps"]
+    done = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    job_id = re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+    # What a user does next: follow the logs until the job ends, then ask its status.
+    logs = subprocess.run([ray_bin, "job", "logs", *address, "--follow", job_id],
+                          env=ray_env(), capture_output=True, text=True, timeout=840).stdout
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
-        job_id = re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
-        # What a user does next: follow the logs until the job ends, then ask its status.
-        logs = subprocess.run([ray_bin, "job", "logs", "--address", head.config.dashboard_url,
-                               "--follow", job_id], env=ray_env(), capture_output=True,
-                              text=True, timeout=900).stdout
-        status = subprocess.run([ray_bin, "job", "status", "--address",
-                                 head.config.dashboard_url, job_id], env=ray_env(),
-                                capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout + status.stderr, logs[-4000:]
-        summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
-        assert summary["trials"] == 4 and summary["trials_failed"] == 0
-        assert "| trial_id |" in logs  # the results table is printed for the user
-    finally:
-        head.stop()
+    status = JobSubmissionClient(ray_head_node.config.dashboard_url).get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
+    assert summary["trials"] == 4 and summary["trials_failed"] == 0
+    assert "| trial_id |" in logs  # the results table is printed for the user
 
 
 def test_a_failing_trial_is_reported_and_the_sweep_goes_on(colours, ray_cluster, s3_env,
