@@ -282,7 +282,11 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, tmp_path):
     path = _sweep_file(tmp_path, colours)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     address = ["--address", ray_head_node.config.dashboard_url]
-    submit = [ray_bin, "job", "submit", *address, "--working-dir", ".", "--no-wait", "--",
+    # The job names its cluster: the test session runs a second Ray on this machine, and
+    # Train's placement-group cleaner (State API) refuses to guess between two.
+    env_vars = {"env_vars": {"RAY_ADDRESS": ray_head_node.config.address}}
+    submit = [ray_bin, "job", "submit", *address, "--working-dir", ".", "--no-wait",
+              "--runtime-env-json", json.dumps(env_vars), "--",
               "python", "-m", "tuning.sweep", "--config", str(path), "--name",
               "sweep-submitted", "--storage-path", f"s3://{BUCKET}/sweeps"]
     done = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=120)
