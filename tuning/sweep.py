@@ -277,7 +277,7 @@ def _finish(grid, sweep, name: str, register_as: str | None, manifest: dict) -> 
         raise RuntimeError(f"sweep {name}: no trial produced a checkpoint "
                            f"({saved['trials_failed']} of {len(rows)} failed)")
     model, state = _best_model(best)
-    mlflow.log_metric(f"best_{'val_fused_top1'}", best.best)
+    mlflow.log_metric("best_val_fused_top1", best.best)
     mlflow.set_tags({"wsdan.best_trial": best.trial_id})
     mlflow.log_text(json.dumps(best.params, indent=1), "best_params.json")
     from wsdan.config import TrainConfig

@@ -51,11 +51,9 @@ class JobSpec:
     def worker_resources(self) -> dict[str, float]:
         """What one training worker holds (Ray Train's defaults filled in)."""
         res = dict(self.resources_per_worker or {})
+        res.setdefault("CPU", 1.0)
         if self.use_gpu:
             res.setdefault("GPU", 1.0)
-            res.setdefault("CPU", 1.0)
-        else:
-            res.setdefault("CPU", 1.0)
         return res
 
 
