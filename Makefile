@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-local stack-down test test-fast lint bench-step bench-learning clean-demo
+.PHONY: demo demo-local stack-down tools test test-multinode test-fast lint bench-step bench-learning clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# checkov (tests/infra) pins dependencies older than the project's (boto3, packaging, ...), so
+# it gets an environment of its own, inside the project's and removed with it.
+TOOLS := $(VENV)/tools
+TOOLS_STAMP := $(TOOLS)/.installed
+CHECKOV := checkov>=3.2,<4
+
+$(TOOLS_STAMP): | $(STAMP)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet '$(CHECKOV)'
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
 
 # Main job: local stack (S3, MLflow, Ray head on loopback), generated data set prepared
 # into the bucket, stand-in pretrained backbone (made once, reused), `ray job submit` of
@@ -29,9 +42,15 @@ demo-local: $(STAMP)
 stack-down: $(STAMP)
 	$(VENV)/bin/wsdan stack down
 
-# Whole suite, slow and real-service tests included.
-test: $(STAMP)
-	$(PY) -m pytest -q --timeout=900
+# Whole suite, slow and real-service tests included; the multi-node tests run in a
+# second session inside a private network namespace (only loopback), where several Ray
+# nodes can join one cluster without binding the machine's interfaces.
+test: $(STAMP) $(TOOLS_STAMP)
+	$(PY) -m pytest -q --timeout=900 -m "not multinode"
+	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode
+
+test-multinode: $(STAMP)
+	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

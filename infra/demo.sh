@@ -27,7 +27,10 @@ $PY -m jobs.pretrain --out "$WEIGHTS"
 
 NAME="demo-$(date +%Y%m%d-%H%M%S)"
 echo "== 4/4 ray job submit: $NAME"
-.venv/bin/ray job submit --address "$RAY_DASHBOARD_URL" --working-dir . -- \
+# The job's S3 endpoint, a reference to the S3 keys (a 0600 credentials file) and the
+# MLflow URI travel in its runtime_env, as on any cluster; the Ray head has none of them.
+.venv/bin/ray job submit --address "$RAY_DASHBOARD_URL" --working-dir . \
+    --runtime-env-json "$($WSDAN stack runtime-env)" -- \
     python -m jobs.train --config jobs/configs/synthetic_cpu.yaml --name "$NAME" \
     --storage-path s3://wsdan/runs --num-workers 2 --register-as wsdan-synthetic \
     "data.source=$DATA" "model.weights=$WEIGHTS" | tee ".wsdan/$NAME.log"

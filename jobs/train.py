@@ -32,6 +32,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--register-as", default=None, help="registered model name in MLflow")
     p.add_argument("--experiment", default="wsdan")
+    p.add_argument("--shared-filesystem", action="store_true",
+                   help="local paths are on a file system that every node mounts (NFS): "
+                        "allow them on a multi-node cluster")
+    p.add_argument("--placement", default="PACK",
+                   choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="where Ray puts the training workers: PACK (fewest nodes) or SPREAD "
+                        "(one per node where possible)")
+    p.add_argument("--resource-timeout", type=float, default=900.0,
+                   help="seconds to wait for an autoscaling cluster to add the nodes the "
+                        "job needs")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 
@@ -41,33 +51,66 @@ def main(args: argparse.Namespace) -> dict:
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
     spec = JobSpec(name=args.name or Path(args.config).stem, storage_path=args.storage_path,
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
-                   max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
+                   max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
+                   shared_fs=args.shared_filesystem, resource_timeout_s=args.resource_timeout,
+                   placement=args.placement)
     manifest, resumed = preflight(cfg, spec)
 
     import mlflow
     import ray
 
-    from wsdan.launcher import check_cluster, log_final_figures, run_job
+    from wsdan.launcher import check_cluster, log_final_figures, record_job, run_job
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
-    # 2. One MLflow run per job, created here (never by the workers).
+    # 2. The cluster: no node-local paths on several nodes, room for the workers.
     tracking_uri = resolve_tracking_uri()
-    setup_experiment(args.experiment, tracking_uri=tracking_uri)
+    experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-    check_cluster(spec)
-    with mlflow.start_run(run_name=spec.name, log_system_metrics=True) as run:
-        log_config(cfg)
-        mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name,
-                           "job.resumed": resumed is not None})
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    check_cluster(spec, cfg=cfg, tracking_uri=tracking_uri)
+
+    # 3. One MLflow run per job, created here (never by the workers); a resumed job
+    # continues the run it started.
+    run_id = _resumable_run(resumed, tracking_uri, experiment_id)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else spec.name,
+                          log_system_metrics=True) as run:
+        if run_id is None:
+            log_config(cfg)
+            mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name})
+            mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            record_job(cfg, spec, run_id=run.info.run_id, tracking_uri=tracking_uri)
+        else:
+            mlflow.set_tag("wsdan.resumed", "true")
+            print(f"[wsdan] resuming job {spec.name!r}: continuing MLflow run {run_id}",
+                  flush=True)
         job = run_job(cfg, spec, manifest=manifest,
                       mlflow_spec={"tracking_uri": tracking_uri, "run_id": run.info.run_id})
-        log_final_figures(job.model, cfg, job.datasets["val"], job.class_names)
+        log_final_figures(job.state, job.class_names)
         summary = {"run_id": run.info.run_id, **job.summary()}
         if args.register_as:
             summary.update(_register(job.model, cfg, manifest, job.metrics, args.register_as))
     print(json.dumps(summary))
     return summary
+
+
+def _resumable_run(resumed: dict | None, tracking_uri: str, experiment_id: str) -> str | None:
+    """The MLflow run a resumed job started, if it is still there (same tracking server,
+    same experiment, not deleted); None: start a new run."""
+    if not resumed or not resumed.get("mlflow_run_id"):
+        return None
+    if resumed.get("tracking_uri") != tracking_uri:
+        print(f"[wsdan] the job's earlier MLflow run is on {resumed.get('tracking_uri')!r}, "
+              "not this tracking server: starting a new run", flush=True)
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(resumed["mlflow_run_id"])
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    return run.info.run_id
 
 
 def _register(model, cfg: TrainConfig, manifest: dict, metrics: dict, name: str) -> dict:

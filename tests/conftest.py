@@ -157,23 +157,32 @@ def mlflow_env(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 @pytest.fixture
-def ray_head_node(s3_server: S3Server, mlflow_server: Any) -> Iterator[Any]:
+def ray_head_node() -> Iterator[Any]:
     """A `ray start --head` cluster of its own (temp dir, free ports, 4 logical CPUs, the
-    dashboard and job server) whose node carries the S3 and MLflow settings, as the nodes
-    of a real cluster do: what is submitted to it names only the job. Stopped afterwards."""
+    dashboard and job server). Its node knows nothing of S3 or MLflow: what is submitted to
+    it brings those in its runtime_env (``job_runtime_env``), as on a real cluster. Stopped
+    afterwards."""
     from pathlib import Path
 
     from wsdan.services import find_free_ports
-    from wsdan.services.ray_head import RayHead, RayHeadConfig
+    from wsdan.services.ray_head import RayHead, RayHeadConfig, without_job_settings
 
     gcs, dash, client, agent, metrics = find_free_ports(5)
     head = RayHead(RayHeadConfig(temp_dir=Path(tempfile.mkdtemp(prefix="wsdan-rh-", dir="/tmp")),
                                  port=gcs, dashboard_port=dash, num_cpus=4,
                                  client_server_port=client, dashboard_agent_listen_port=agent,
                                  metrics_export_port=metrics))
-    head.start(extra_env={**s3_server.aws_env(),
-                          "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
+    head.start(environ=without_job_settings())
     try:
         yield head
     finally:
         head.stop()
+
+
+@pytest.fixture
+def job_runtime_env(s3_server: S3Server, mlflow_server: Any, tmp_path) -> dict[str, Any]:
+    """The ``runtime_env`` of a job submitted to ``ray_head_node``: the S3 endpoint, a
+    reference to the keys (a 0600 credentials file) and the MLflow URI; no secret value."""
+    env = s3_server.job_env(tmp_path / "aws_credentials", profile="wsdan-tests")
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.tracking_uri
+    return {"env_vars": env}

@@ -72,3 +72,82 @@ def test_optimizer_groups_use_the_head_multiplier():
     assert head_ids == {id(p) for p in [*model.attention.parameters(), model.classifier.weight]}
     n_all = sum(1 for _ in model.parameters())
     assert len(groups["head"]["params"]) + len(groups["backbone"]["params"]) == n_all
+
+
+def test_confusion_counts_match_a_per_image_loop():
+    g = torch.Generator().manual_seed(3)
+    k, n = 5, 37
+    raw, crop = torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    out = InferenceOutput((raw + crop) / 2, raw, crop, torch.zeros(n, 2, 2), torch.zeros(n, 4))
+    counts = EvalCounts(num_classes=k)
+    for sl in (slice(0, 20), slice(20, n)):  # two batches
+        counts.update(InferenceOutput(*(t[sl] for t in out)), labels[sl])
+    expected = torch.zeros(k, k, dtype=torch.long)
+    for i in range(n):  # independent slow reference
+        expected[int(labels[i]), int(((raw[i] + crop[i]) / 2).argmax())] += 1
+    assert torch.equal(counts.confusion(), expected)
+    assert counts.confusion().sum() == n == counts.metrics()["n"]
+    assert math.isclose(counts.metrics()["fused_top1"], expected.trace().item() / n)
+
+
+def _two_rank_sums(rank: int, world: int, init: str, q) -> None:
+    import torch.distributed as dist
+
+    from wsdan.raytrain import reduce_train_metrics
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        per_rank = [  # rank 0 saw 24 images, rank 1 saw 8
+            {"loss": 1.0, "loss_raw": 2.0, "loss_crop": 3.0, "loss_drop": 4.0,
+             "loss_center": 0.5, "train_raw_top1": 0.25, "data_wait_fraction": 0.1,
+             "images_per_s": 30.0, "train_images": 24, "lr": 0.01},
+            {"loss": 3.0, "loss_raw": 6.0, "loss_crop": 1.0, "loss_drop": 0.0,
+             "loss_center": 1.5, "train_raw_top1": 0.75, "data_wait_fraction": 0.5,
+             "images_per_s": 10.0, "train_images": 8, "lr": 0.01},
+        ]
+        reduced = reduce_train_metrics(per_rank[rank], world)
+        g = torch.Generator().manual_seed(0)
+        raw, crop = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
+        labels = torch.randint(0, 3, (10,), generator=g)
+        half = slice(0, 6) if rank == 0 else slice(6, 10)
+        out = InferenceOutput((raw + crop) / 2, raw, crop, torch.zeros(10, 2, 2),
+                              torch.zeros(10, 4))
+        counts = EvalCounts(num_classes=3)
+        counts.update(InferenceOutput(*(t[half] for t in out)), labels[half])
+        counts.all_reduce()
+        q.put((rank, reduced, counts.confusion(), counts.metrics()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_metrics_and_confusion_over_two_ranks_equal_one_process(tmp_path):
+    """Two gloo ranks: the reduced train metrics are the image-weighted means (images and
+    images/s summed), and the all-reduced confusion equals one process that saw all."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = f"file://{tmp_path}/pg"
+    procs = [ctx.Process(target=_two_rank_sums, args=(r, 2, init, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank in (0, 1):
+        reduced, confusion, metrics = results[rank]
+        assert reduced["train_images"] == 32 and reduced["images_per_s"] == 40.0
+        assert math.isclose(reduced["loss"], (1.0 * 24 + 3.0 * 8) / 32)
+        assert math.isclose(reduced["train_raw_top1"], (0.25 * 24 + 0.75 * 8) / 32)
+        assert math.isclose(reduced["data_wait_fraction"], (0.1 * 24 + 0.5 * 8) / 32)
+        assert reduced["lr"] == 0.01
+        g = torch.Generator().manual_seed(0)
+        raw, crop = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
+        labels = torch.randint(0, 3, (10,), generator=g)
+        single = EvalCounts(num_classes=3)
+        single.update(InferenceOutput((raw + crop) / 2, raw, crop, torch.zeros(10, 2, 2),
+                                      torch.zeros(10, 4)), labels)
+        assert torch.equal(confusion, single.confusion())
+        assert metrics == single.metrics()

@@ -122,11 +122,12 @@ def test_rerun_resumes_and_continues_the_epoch_count(prepared, ray_cluster, s3_e
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("wsdan-tests")
-    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'job-resume'",
-                              order_by=["attributes.start_time ASC"])
-    assert runs[1].data.params["job.resumed"] == "True"
-    # The resumed run trained epoch 2 only.
-    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [2]
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'job-resume'")
+    # One run: the rerun continued the job's run (its id is kept with the checkpoints) and
+    # trained epoch 2 only; every epoch is logged once.
+    assert len(runs) == 1 and runs[0].info.run_id == first["run_id"] == second["run_id"]
+    assert runs[0].data.tags["wsdan.resumed"] == "true"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]
 
 
 def test_class_count_mismatch_fails_before_cluster_work(prepared, s3_env, tmp_path):
@@ -181,9 +182,12 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
 
 
-def test_ray_job_submit_to_a_head_node(prepared, ray_head_node):
-    """`ray job submit` to a `ray start --head` cluster (its own temp dir and ports); the
-    node carries the S3 and MLflow settings, the submission only names the job."""
+def test_ray_job_submit_to_a_head_node(prepared, ray_head_node, job_runtime_env, s3_server,
+                                      mlflow_env):
+    """`ray job submit` to a `ray start --head` cluster (its own temp dir and ports) whose
+    node knows nothing of S3 or MLflow: the job's runtime_env brings the endpoint, a
+    reference to the keys and the tracking URI. No key value in the job's logs or in the
+    run's params and tags."""
     import subprocess
     import sys
     from pathlib import Path
@@ -192,11 +196,17 @@ def test_ray_job_submit_to_a_head_node(prepared, ray_head_node):
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "job", "submit", "--address", ray_head_node.config.dashboard_url,
-           "--working-dir", ".", "--", "python",
-           *_job_argv("job-submit", prepared, "optim.epochs=1")]
+           "--working-dir", ".", "--runtime-env-json", json.dumps(job_runtime_env),
+           "--", "python", *_job_argv("job-submit", prepared, "optim.epochs=1")]
     done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600)
     logs = done.stdout + done.stderr
     assert done.returncode == 0, logs[-4000:]
     assert "succeeded" in logs
     summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
     assert summary["epochs"] == 1
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(summary["run_id"])
+    secret = s3_server.config.secret_key
+    for text in (logs, json.dumps(run.data.params), json.dumps(run.data.tags)):
+        assert secret not in text

@@ -48,6 +48,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-period", type=int, default=30,
                    help="seconds between uploads of the sweep state to a remote storage path: "
                         "a driver that dies loses at most this much of the sweep's record")
+    p.add_argument("--shared-filesystem", action="store_true",
+                   help="local paths are on a file system that every node mounts (NFS): "
+                        "allow them on a multi-node cluster")
+    p.add_argument("--resource-timeout", type=float, default=900.0,
+                   help="seconds to wait for an autoscaling cluster to add the nodes one "
+                        "trial needs")
     p.add_argument("overrides", nargs="*", help="base config overrides, key=value")
     return p
 
@@ -108,7 +114,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
     import ray
 
-    from tuning.space import max_concurrent
     from tuning.trial import TrialSetup
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
@@ -118,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-    concurrent = max_concurrent(sweep, ray.cluster_resources())
+    concurrent = _check_cluster(sweep, args, tracking_uri)
     _check_state_api()
     root = _root(args.storage_path)
 
@@ -154,6 +159,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     mlflow.end_run()
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def _check_cluster(sweep, args: argparse.Namespace, tracking_uri: str) -> int:
+    """No node-local locations on a multi-node cluster; room for one trial now or after the
+    autoscaler scales up; returns how many trials run at once (what the cluster holds, or
+    can scale to)."""
+    from tuning.space import max_concurrent
+    from wsdan.cluster import check_node_local, describe_cluster, wait_for_resources
+
+    view = describe_cluster()
+    check_node_local(view, shared_fs=args.shared_filesystem, storage_path=args.storage_path,
+                     weights=sweep.train.model.weights, data_source=sweep.train.data.source,
+                     tracking_uri=tracking_uri)
+    res = sweep.resources
+    concurrent = max_concurrent(sweep, view.max_total if view.autoscaling else view.total)
+    wait_for_resources([res.per_worker()] * res.num_workers + [{"CPU": res.data_cpus}],
+                       what=f"one trial of {res.num_workers} worker(s)", flag="resources",
+                       timeout_s=args.resource_timeout, view=view)
+    return concurrent
 
 
 def _check_state_api() -> None:

@@ -82,7 +82,7 @@ def train_one_epoch(
     return {
         "loss": s[0], "loss_raw": s[1], "loss_crop": s[2], "loss_drop": s[3],
         "loss_center": s[4], "train_raw_top1": s[5], "lr": lr,
-        "images_per_s": n_img / elapsed if elapsed > 0 else 0.0,
+        "images_per_s": n_img / elapsed if elapsed > 0 else 0.0, "train_images": n_img,
         "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
     }
 
@@ -95,12 +95,14 @@ def evaluate(
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     distributed: bool = False,
+    confusion: bool = False,
 ) -> dict[str, Any]:
     """Refined evaluation (algorithm.md §4): raw/crop/fused top-1/top-5 and, where boxes
     exist, refinement-box IoU and attention-peak hit rates. With ``distributed``, counts
-    are summed over ranks before dividing."""
+    are summed over ranks before dividing. With ``confusion``, the result also holds
+    ``"confusion"``: the K×K counts of the fused prediction (a CPU long tensor)."""
     model.eval()
-    counts = EvalCounts(device)
+    counts = EvalCounts(device, num_classes=cfg.model.num_classes if confusion else None)
     size = cfg.data.image_size
     for batch in batches:
         images = center_crop(batch["image"].to(device), size)
@@ -116,4 +118,7 @@ def evaluate(
                       image_size=(size, size))
     if distributed:
         counts.all_reduce()
-    return counts.metrics()
+    result: dict[str, Any] = counts.metrics()
+    if confusion:
+        result["confusion"] = counts.confusion()
+    return result

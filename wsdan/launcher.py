@@ -18,6 +18,7 @@ from wsdan.config import ConfigError, TrainConfig
 from wsdan.model import WSDAN, build_model
 
 JOB_FILE = "wsdan_job.json"
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class JobSpec:
     # no bound. Jobs that share a cluster (the trials of a sweep) set it so one job's
     # decoding cannot take the CPUs another job's training workers wait for.
     data_cpus: float | None = None
+    # Local paths are on a file system every node mounts (NFS): allow them on a multi-node
+    # cluster (wsdan.cluster.check_node_local).
+    shared_fs: bool = False
+    # How long to wait for an autoscaling cluster to add the nodes the job needs.
+    resource_timeout_s: float = 900.0
+    # Ray placement of the training workers: PACK (fewest nodes: least network traffic),
+    # SPREAD (one per node where possible: a lost node takes fewer workers with it),
+    # STRICT_PACK / STRICT_SPREAD (or fail to place).
+    placement: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -45,6 +55,9 @@ class JobSpec:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"resources_per_worker.{key}: must be a number >= 0, "
                                   f"got {value!r}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement: one of {', '.join(PLACEMENTS)}, got "
+                              f"{self.placement!r}")
         if self.data_cpus is not None and not self.data_cpus > 0:
             raise ConfigError(f"data_cpus: must be > 0 or unset, got {self.data_cpus!r}")
 
@@ -72,8 +85,11 @@ class JobResult:
     class_names: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        digests = self.state.get("replica_digests") or []
         return {"epochs": self.epochs, "best_epoch": self.best_epoch,
                 "wall_s": round(self.wall_s, 1),
+                "worker_nodes": self.state.get("worker_nodes"),
+                "replicas_identical": len(set(digests)) == 1 if digests else None,
                 **{k: self.metrics[k] for k in self.metrics if k.startswith("val_")}}
 
 
@@ -93,25 +109,32 @@ def preflight(cfg: TrainConfig, spec: JobSpec) -> tuple[dict[str, Any], dict[str
     return manifest, check_resume(cfg, spec)
 
 
-def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1) -> None:
-    """The connected Ray cluster must hold ``concurrent_jobs`` such jobs at once: their
-    training workers plus at least one CPU left for Ray Data (``spec.data_cpus`` each when
-    set)."""
-    import ray
+def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1, cfg: TrainConfig | None = None,
+                  tracking_uri: str | None = None, view: Any = None) -> None:
+    """Checks against the connected Ray cluster (``wsdan.cluster``), before any work:
 
-    total = ray.cluster_resources()
-    need = spec.worker_resources()
+    * on a cluster of several nodes, or one that can scale out, no node-local locations
+      (``spec.storage_path``, and with ``cfg`` its weights and data, and ``tracking_uri``);
+    * room for ``concurrent_jobs`` such jobs: their training workers (each on one node) and
+      ``spec.data_cpus`` CPUs each for Ray Data (one when unset); an autoscaling cluster is
+      asked to scale up and waited for, up to ``spec.resource_timeout_s``.
+    """
+    from wsdan.cluster import check_node_local, describe_cluster, wait_for_resources
+
+    view = view or describe_cluster()
+    check_node_local(view, shared_fs=spec.shared_fs, storage_path=spec.storage_path,
+                     weights=cfg.model.weights if cfg else None,
+                     data_source=cfg.data.source if cfg else None, tracking_uri=tracking_uri)
     data = spec.data_cpus if spec.data_cpus is not None else 1.0
-    for key, per_worker in need.items():
-        want = concurrent_jobs * (spec.num_workers * per_worker + (data if key == "CPU" else 0))
-        have = total.get(key, 0.0)
-        if have < want:
-            flag = "--use-gpu" if key == "GPU" else "--num-workers"
-            raise ConfigError(
-                f"{flag}: {concurrent_jobs} job(s) of {spec.num_workers} worker(s) need "
-                f"{want:g} {key} ({per_worker:g} per worker"
-                + (f", {data:g} for Ray Data" if key == "CPU" else "")
-                + f"); the Ray cluster has {have:g}")
+    bundles = [spec.worker_resources()] * spec.num_workers + [{"CPU": data}]
+    wait_for_resources(bundles * concurrent_jobs, timeout_s=spec.resource_timeout_s,
+                       what=f"{concurrent_jobs} job(s) of {spec.num_workers} worker(s) "
+                            f"({_fmt_bundle(spec.worker_resources())} per worker, "
+                            f"{data:g} CPU for Ray Data)", view=view)
+
+
+def _fmt_bundle(res: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()))
 
 
 def check_data(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -135,21 +158,32 @@ def _job_file(spec: JobSpec) -> str:
 
 def check_resume(cfg: TrainConfig, spec: JobSpec) -> dict[str, Any] | None:
     """If a job of this name already ran under storage_path, it will be resumed: its class
-    count and backbone must match. Records this job's identity on first run."""
+    count and backbone must match. Returns its record (None for a new job); writes nothing
+    (:func:`record_job` does, once the job starts)."""
     uri = _job_file(spec)
-    if storage.exists(uri):
-        previous = json.loads(storage.read_bytes(uri))
-        for key in ("num_classes", "backbone", "num_attentions"):
-            if previous.get(key) != getattr(cfg.model, key):
-                raise ConfigError(
-                    f"model.{key} is {getattr(cfg.model, key)!r} but job {spec.name!r} under "
-                    f"{spec.storage_path} was started with {previous.get(key)!r}: resuming "
-                    "it would load mismatched weights (use another --name)")
-        return previous
-    ident = {"num_classes": cfg.model.num_classes, "backbone": cfg.model.backbone,
-             "num_attentions": cfg.model.num_attentions}
-    storage.write_bytes(uri, json.dumps(ident).encode())
-    return None
+    if not storage.exists(uri):
+        return None
+    previous = json.loads(storage.read_bytes(uri))
+    for key in ("num_classes", "backbone", "num_attentions"):
+        if previous.get(key) != getattr(cfg.model, key):
+            raise ConfigError(
+                f"model.{key} is {getattr(cfg.model, key)!r} but job {spec.name!r} under "
+                f"{spec.storage_path} was started with {previous.get(key)!r}: resuming "
+                "it would load mismatched weights (use another --name)")
+    return previous
+
+
+def record_job(cfg: TrainConfig, spec: JobSpec, *, run_id: str | None = None,
+               tracking_uri: str | None = None) -> None:
+    """Keep the job's identity (what a resume must match) and its MLflow run id with its
+    checkpoints, so that rerunning the job continues that run instead of opening another."""
+    uri = _job_file(spec)
+    record = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    record.update({"num_classes": cfg.model.num_classes, "backbone": cfg.model.backbone,
+                   "num_attentions": cfg.model.num_attentions})
+    if run_id is not None:
+        record.update({"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+    storage.write_bytes(uri, json.dumps(record).encode())
 
 
 def build_trainer(
@@ -159,7 +193,7 @@ def build_trainer(
     datasets: dict[str, Any],
     num_train_rows: int,
     class_names: list[str],
-    figure_batch: dict[str, Any] | None = None,
+    figures: bool = True,
     mlflow_spec: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
 ):
@@ -180,11 +214,12 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "num_train_rows": num_train_rows,
                            "class_names": class_names, "mlflow": mlflow_spec,
-                           "figure_batch": figure_batch},
+                           "figures": figures},
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu,
             resources_per_worker=dict(spec.resources_per_worker)
-            if spec.resources_per_worker else None),
+            if spec.resources_per_worker else None,
+            placement_strategy=spec.placement),
         run_config=RunConfig(
             name=spec.name,
             storage_path=path,
@@ -213,14 +248,18 @@ def run_job(
 ) -> JobResult:
     """Run one training job on the connected Ray cluster and return its best model.
 
-    The caller has run :func:`preflight` (which gives ``manifest``) and connected to Ray;
-    creating an MLflow run and registering the model are the caller's too. mlflow_spec
+    The caller has run :func:`preflight` (which gives ``manifest``), connected to Ray and
+    made its checks (:func:`check_cluster`); the job's record is written here unless the
+    caller did (:func:`record_job`). Creating the MLflow run and registering the model
+    are the caller's too. mlflow_spec
     (``tracking_uri``, ``run_id``): rank 0 logs per-epoch metrics (and, with ``figures``,
     attention heat-maps) to that existing run. callbacks: extra ``ray.train.UserCallback``
     objects. Raises the training error if the run failed after its retries.
     """
-    from wsdan.data.pipeline import build_dataset, iter_torch
+    from wsdan.data.pipeline import build_dataset
 
+    if not storage.exists(_job_file(spec)):
+        record_job(cfg, spec)
     datasets = {
         "train": build_dataset(cfg.data.source, "train", cfg=cfg.data, train=True,
                                seed=cfg.seed, shuffle=True),
@@ -228,12 +267,9 @@ def run_job(
                              seed=cfg.seed, shuffle=False),
     }
     class_names = [str(c) for c in manifest["classes"]]
-    figure_batch = None
-    if figures and mlflow_spec:
-        figure_batch = next(iter_torch(datasets["val"], 8))  # fixed: val is not shuffled
     trainer = build_trainer(
         cfg, spec, datasets=datasets, num_train_rows=int(manifest["counts"]["train"]),
-        class_names=class_names, figure_batch=figure_batch, mlflow_spec=mlflow_spec,
+        class_names=class_names, figures=figures, mlflow_spec=mlflow_spec,
         callbacks=callbacks)
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -274,20 +310,13 @@ def model_from_checkpoint(checkpoint) -> tuple[WSDAN, dict[str, Any]]:
     return model, state
 
 
-def log_final_figures(model: WSDAN, cfg: TrainConfig, val_ds, class_names: list[str]) -> None:
-    """Confusion matrix of the selected model on the whole val split, to the active run."""
-    import torch
-
-    from wsdan.data.pipeline import iter_torch
-    from wsdan.inference import predict
+def log_final_figures(state: Mapping[str, Any], class_names: list[str]) -> None:
+    """Confusion matrix of the selected model on the whole val split, to the active run: the
+    counts were summed over all ranks by the distributed evaluation and kept in the
+    checkpoint (the driver reads no data)."""
     from wsdan.tracking.runs import confusion_figure, log_figure
-    from wsdan.transforms import center_crop
 
-    k = cfg.model.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    for batch in iter_torch(val_ds, 64):
-        out = predict(model, center_crop(batch["image"], cfg.data.image_size),
-                      theta=cfg.inference.refine_theta, padding=cfg.inference.refine_padding)
-        idx = batch["label"] * k + out.logits.argmax(1)
-        confusion += torch.bincount(idx, minlength=k * k).view(k, k)
+    confusion = state.get("confusion")
+    if confusion is None:  # a checkpoint written before the counts were kept
+        return
     log_figure(confusion_figure(confusion, class_names), "confusion_matrix.png")

@@ -28,10 +28,17 @@ def _topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
 
 
 class EvalCounts:
-    """Running sums for evaluation; ``metrics()`` turns them into rates."""
+    """Running sums for evaluation; ``metrics()`` turns them into rates.
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    With ``num_classes``, also the K×K confusion counts of the fused prediction (rows: true
+    class, columns: predicted), summed over ranks in the same collective as the rest."""
+
+    def __init__(self, device: torch.device | str = "cpu", *,
+                 num_classes: int | None = None) -> None:
         self.counts = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
+        self.num_classes = num_classes
+        self._confusion = (torch.zeros(num_classes * num_classes, dtype=torch.float64,
+                                       device=device) if num_classes else None)
 
     def update(
         self,
@@ -72,11 +79,29 @@ class EvalCounts:
         stacked = torch.stack([torch.as_tensor(v, device=labels.device).to(torch.float64)
                                for v in vals + obj + part])
         self.counts += stacked.to(self.counts.device)
+        if self._confusion is not None:
+            k = self.num_classes
+            idx = labels.to(self._confusion.device) * k + out.logits.argmax(1).to(
+                self._confusion.device)
+            self._confusion += torch.bincount(idx, minlength=k * k).to(torch.float64)
 
     def all_reduce(self) -> None:
-        """Sum the counts over all ranks (no-op without a process group)."""
-        if dist.is_available() and dist.is_initialized():
+        """Sum the counts over all ranks (no-op without a process group): one collective."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self._confusion is None:
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
+            return
+        buf = torch.cat([self.counts, self._confusion])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        self.counts, self._confusion = buf[: len(_FIELDS)], buf[len(_FIELDS):]
+
+    def confusion(self) -> Tensor:
+        """K×K long counts on the CPU (needs ``num_classes``)."""
+        if self._confusion is None:
+            raise ValueError("EvalCounts was made without num_classes: no confusion counts")
+        k = self.num_classes
+        return self._confusion.round().long().cpu().view(k, k)
 
     def metrics(self) -> dict[str, float]:
         c = dict(zip(_FIELDS, self.counts.tolist()))  # host sync, once per evaluation

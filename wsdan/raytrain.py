@@ -13,6 +13,7 @@ epoch, so a resumed job continues exactly where it stopped.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -32,27 +33,26 @@ from wsdan.train_step import unwrap
 
 CHECKPOINT_FILE = "state.pt"
 FIGURE_EVERY = 2  # epochs between attention heat-map figures (and the last epoch)
+FIGURE_IMAGES = 8  # val images in each attention figure
 
 
 class ExactEvalDataConfig(DataConfig):
     """Split ``train`` equally across workers (DDP needs the same number of steps on every
     rank) and the evaluation datasets *without* dropping rows (``equal=False``), so that
-    summed counts cover every validation image exactly once.
+    summed counts cover every validation image exactly once. Splits prefer the workers'
+    own nodes (locality hints), as Train's default does.
 
     data_cpus caps the CPUs that each of the job's datasets may hold at once (Ray Data's
     ``resource_limits``): jobs sharing a cluster then leave each other's workers alone."""
 
     def __init__(self, exact: tuple[str, ...] = ("val", "test"), *,
                  data_cpus: float | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        options = DataConfig.default_ingest_options()
+        if data_cpus is not None:
+            options.resource_limits = options.resource_limits.copy(cpu=data_cpus)
+        super().__init__(execution_options=options, **kwargs)
         self._exact = set(exact)
-        self._data_cpus = data_cpus
-
-    def _resolve_execution_options(self, dataset_name: str):
-        options = super()._resolve_execution_options(dataset_name)
-        if self._data_cpus is not None:
-            options.resource_limits = options.resource_limits.copy(cpu=self._data_cpus)
-        return options
+        self._options = options
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         exact = {k: v for k, v in datasets.items() if k in self._exact}
@@ -62,8 +62,10 @@ class ExactEvalDataConfig(DataConfig):
             ds = ds.copy(ds)
             if ds.name is None:
                 ds.set_name(name)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+            ds.context.execution_options = copy.deepcopy(self._options)
+            splits = ds.streaming_split(world_size, equal=False,
+                                        locality_hints=worker_node_ids)
+            for i, split in enumerate(splits):
                 output[i][name] = split
         return output
 
@@ -90,7 +92,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config`` keys: ``train`` (a ``TrainConfig`` dict), ``num_train_rows`` (rows of the
     train split, for the schedule), ``class_names``, optional ``mlflow`` (``tracking_uri``,
-    ``run_id``: rank 0 logs per-epoch metrics to that run).
+    ``run_id``: rank 0 logs per-epoch metrics to that run) and ``figures`` (attention
+    heat-maps of rank 0's first val images, default true).
     """
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -133,6 +136,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     steps = max(config["num_train_rows"] // global_batch, 1)
     logger = _RankZeroLogger(config.get("mlflow")) if rank == 0 else None
+    if logger is not None and ckpt is not None:
+        logger.ensure_epoch_logged(state.get("metrics") or {}, start_epoch)
+    figure_batch: dict[str, torch.Tensor] | None = None  # rank 0's first val images
+    worker_nodes = _gather_object(ray.get_runtime_context().get_node_id(), world)
+    if ckpt is not None and rank == 0:
+        # Evidence that a resumed job continues from the checkpoint (centres restored, not
+        # reset): the restored centres' norm, to compare with the epoch's logged one.
+        restored = float(unwrap(model).feature_centers.norm())
+        print(f"[wsdan] resumed at epoch {start_epoch}: centres restored "
+              f"(norm {restored:.6g}) on nodes {sorted(set(worker_nodes))}", flush=True)
+        if logger is not None:
+            logger.log_value("resumed_center_norm", restored, start_epoch)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
@@ -143,17 +158,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
             device=device,
         )
+        metrics = reduce_train_metrics(metrics, world, device)
         # Evaluate the plain module, not DDP: ranks hold different numbers of val batches
         # (nothing dropped), and DDP's per-forward buffer broadcast would then deadlock.
         # BN running statistics are made rank 0's first, so every rank scores one model.
         core = unwrap(model)
         _broadcast_buffers(core, world)
-        val = evaluate(core, _batches(val_shard, 64, train=False, seed=0, epoch=0), cfg=cfg,
-                       device=device, distributed=world > 1)
+        val_batches = _batches(val_shard, 64, train=False, seed=0, epoch=0)
+        if (rank == 0 and figure_batch is None and config.get("figures", True)
+                and logger is not None and logger.active):
+            figure_batch = {}
+            val_batches = _keep_first(val_batches, FIGURE_IMAGES, figure_batch)
+        val = evaluate(core, val_batches, cfg=cfg, device=device, distributed=world > 1,
+                       confusion=True)
+        confusion = val.pop("confusion")  # K×K counts over the whole val split
         metrics.update({f"val_{k}": v for k, v in val.items()})
-        metrics["images_per_s"] *= world  # every rank runs at about the same rate
         metrics["epoch"] = epoch + 1
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["center_norm"] = float(core.feature_centers.norm())
+        # Every rank must hold the same weights and centres (DDP averages gradients, the
+        # centre update is all-reduced, BN buffers were just made rank 0's): checked.
+        digests = _gather_object(replica_digest(core), world)
+        if len(set(digests)) > 1:
+            print(f"[wsdan] WARNING: ranks hold different models after epoch {epoch + 1} "
+                  f"(digests {digests})", flush=True)
         score = metrics.get("val_fused_top1")
         if score is not None and (best is None or score > best):
             best = score
@@ -172,16 +200,55 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "config": cfg.to_dict(),
                     "class_names": config.get("class_names"),
                     "metrics": {k: float(v) for k, v in metrics.items()},
+                    "confusion": confusion,
+                    "worker_nodes": worker_nodes,  # node id of each rank
+                    "replica_digests": digests,  # of each rank's weights and buffers
                 })
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 print(f"[wsdan] {format_epoch(metrics)}", flush=True)  # in the job's logs
-                if logger is not None:
-                    logger.log_epoch(metrics, epoch + 1)
-                    if config.get("figure_batch") is not None and (
-                            epoch % FIGURE_EVERY == 0 or epoch + 1 == cfg.optim.epochs):
-                        logger.log_attention(unwrap(model), config["figure_batch"], cfg,
-                                             config.get("class_names") or [], epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
+        # Logged once the epoch's checkpoint is stored: a job that dies before that redoes
+        # the epoch and logs it then; one that dies right after logs it on resume
+        # (ensure_epoch_logged). Either way every epoch is logged exactly once.
+        if logger is not None:
+            logger.log_epoch(metrics, epoch + 1)
+            if figure_batch and (epoch % FIGURE_EVERY == 0 or epoch + 1 == cfg.optim.epochs):
+                logger.log_attention(core, figure_batch, cfg, config.get("class_names") or [],
+                                     epoch + 1)
+
+
+_TRAIN_MEANS = ("loss", "loss_raw", "loss_crop", "loss_drop", "loss_center", "train_raw_top1",
+                "data_wait_fraction")
+
+
+def reduce_train_metrics(metrics: dict[str, float], world: int,
+                         device: torch.device | str = "cpu") -> dict[str, float]:
+    """The epoch's training metrics over all ranks, as one process that ran every step:
+    means weighted by each rank's image count, images and images/s summed. One collective."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return metrics
+    n = float(metrics["train_images"])
+    vals = [metrics[k] * n for k in _TRAIN_MEANS] + [n, metrics["images_per_s"]]
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    total = t.tolist()  # host sync, once per epoch
+    out = dict(metrics)
+    images = max(total[len(_TRAIN_MEANS)], 1.0)
+    out.update({k: total[i] / images for i, k in enumerate(_TRAIN_MEANS)})
+    out["train_images"] = total[len(_TRAIN_MEANS)]
+    out["images_per_s"] = total[-1]
+    return out
+
+
+def _keep_first(batches, n: int, into: dict[str, torch.Tensor]):
+    """Pass ``batches`` through, keeping (CPU copies of) the first ``n`` images, labels and
+    boxes in ``into``: the fixed images of the attention figures, taken from this rank's
+    own share of the distributed evaluation (the driver reads no data)."""
+    for batch in batches:
+        if not into:
+            into.update({k: v[:n].cpu().clone() for k, v in batch.items()
+                         if isinstance(v, torch.Tensor)})
+        yield batch
 
 
 def no_buffer_sync() -> dict[str, bool]:
@@ -201,13 +268,27 @@ def _broadcast_buffers(module: torch.nn.Module, world: int) -> None:
             torch.distributed.broadcast(buf, src=0)
 
 
-def _gather_rng(gen: torch.Generator, world: int) -> dict[str, torch.Tensor]:
-    state = gen.get_state()
+def replica_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (weights, centres, BN buffers), bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in module.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gather_object(obj: Any, world: int) -> list[Any]:
     if world == 1 or not torch.distributed.is_initialized():
-        return {"0": state}
-    states: list[Any] = [None] * world
-    torch.distributed.all_gather_object(states, state)
-    return {str(i): s for i, s in enumerate(states)}
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _gather_rng(gen: torch.Generator, world: int) -> dict[str, torch.Tensor]:
+    return {str(i): st for i, st in enumerate(_gather_object(gen.get_state(), world))}
 
 
 class _RankZeroLogger:
@@ -221,6 +302,19 @@ class _RankZeroLogger:
             self.client = MlflowClient(tracking_uri=spec["tracking_uri"])
             self.run_id = spec["run_id"]
 
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def ensure_epoch_logged(self, metrics: dict[str, float], epoch: int) -> None:
+        """On resume: log the checkpointed epoch's metrics if the run lacks them (the job
+        stopped between storing the checkpoint and logging it)."""
+        if self.client is None or epoch < 1 or not metrics:
+            return
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "epoch")}
+        if epoch not in logged:
+            self.log_epoch(metrics, epoch)
+
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
@@ -231,6 +325,9 @@ class _RankZeroLogger:
                  if isinstance(v, (int, float)) and v == v]
         self.client.log_batch(self.run_id, metrics=items)
 
+    def log_value(self, key: str, value: float, step: int) -> None:
+        if self.client is not None:
+            self.client.log_metric(self.run_id, key, value, step=step)
 
     def log_attention(self, model, batch: dict[str, Any], cfg: TrainConfig,
                       class_names: list[str], epoch: int) -> None:

@@ -1,6 +1,6 @@
 """The local stack on loopback: S3 server (SeaweedFS), MLflow server, Ray head.
 
-``wsdan stack up|down|status|env``. State lives under ``.wsdan/stack`` (override with
+``wsdan stack up|down|status|env|runtime-env``. State lives under ``.wsdan/stack`` (override with
 ``WSDAN_STACK_DIR``): data, logs, pid files, and — only when none are given in the
 environment — generated S3 credentials in a 0600 file, so that ``up`` in one shell and
 ``down`` in another find the same services. Ports come from ``WSDAN_*_PORT`` variables.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsdan.services import S3Server, S3ServerConfig, generate_credentials
-from wsdan.services.ray_head import RayHead, RayHeadConfig
+from wsdan.services.ray_head import RayHead, RayHeadConfig, without_job_settings
 
 BUCKET = "wsdan"
 
@@ -113,6 +113,18 @@ def client_env(paths: StackPaths) -> dict[str, str]:
     }
 
 
+def job_runtime_env(paths: StackPaths) -> dict[str, dict[str, str]]:
+    """The ``runtime_env`` a job submitted to the stack needs (``ray job submit
+    --runtime-env-json "$(wsdan stack runtime-env)"``): the S3 endpoint, a reference to the
+    S3 keys (a 0600 shared-credentials file under the stack's folder, and its profile) and
+    the MLflow tracking URI. No secret value: a real cluster's nodes get their keys from an
+    instance role or a Kubernetes Secret in the same way, by reference."""
+    s3 = s3_server(paths)
+    env = s3.job_env(paths.root / "aws_credentials", profile="wsdan-stack")
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{_port('MLFLOW', 5000)}"
+    return {"env_vars": env}
+
+
 def up(paths: StackPaths, *, with_mlflow: bool = True, with_ray: bool = True) -> dict:
     s3 = s3_server(paths)
     s3.start()
@@ -123,10 +135,11 @@ def up(paths: StackPaths, *, with_mlflow: bool = True, with_ray: bool = True) ->
         ml.start()
         out["mlflow"] = ml.tracking_uri
     if with_ray:
+        # The head's processes get no S3 or MLflow settings of their own: a job brings them
+        # in its runtime_env (job_runtime_env), as it must on any real cluster.
         head = ray_head(paths)
-        env = client_env(paths)
-        head.start(extra_env={k: v for k, v in env.items()
-                              if k.startswith("AWS_") or k.startswith("MLFLOW_")})
+        head.start(environ=without_job_settings())
+        job_runtime_env(paths)  # writes the credentials file the runtime_env refers to
         out["ray_dashboard"] = head.config.dashboard_url
     return out
 
@@ -146,7 +159,9 @@ def status(paths: StackPaths) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The local stack on loopback: S3, MLflow, Ray head")
-    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("action", choices=["up", "down", "status", "env", "runtime-env"],
+                   help="env: exports for your shell; runtime-env: the JSON for `ray job "
+                        "submit --runtime-env-json`")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-ray", action="store_true")
     return p
@@ -164,6 +179,8 @@ def main(args: argparse.Namespace) -> None:
         print("stack stopped")
     elif args.action == "status":
         print(json.dumps(status(paths), indent=2, default=str))
+    elif args.action == "runtime-env":
+        print(json.dumps(job_runtime_env(paths)))
     else:  # env: for `eval "$(wsdan stack env)"`, on the user's own terminal
         for k, v in client_env(paths).items():
             print(f"export {k}={v}")

@@ -271,10 +271,12 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
     assert client.get_run(summary["parent_run_id"]).data.tags.get("wsdan.resumed") == "true"
 
 
-def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, tmp_path):
+def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime_env,
+                                             s3_server, tmp_path):
     """The same sweep as a `ray job submit` job on a `ray start --head` cluster on loopback
     (its own temp dir and ports): the job SUCCEEDS and the sweep's summary is in its logs.
-    The node carries the S3 and MLflow settings; the submission names only the sweep."""
+    The node knows nothing of S3 or MLflow: the job's runtime_env brings the endpoint, a
+    reference to the keys and the tracking URI; no key appears in the logs."""
     import re
 
     from wsdan.services.ray_head import ray_env
@@ -284,7 +286,8 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, tmp_path):
     address = ["--address", ray_head_node.config.dashboard_url]
     # The job names its cluster: the test session runs a second Ray on this machine, and
     # Train's placement-group cleaner (State API) refuses to guess between two.
-    env_vars = {"env_vars": {"RAY_ADDRESS": ray_head_node.config.address}}
+    env_vars = {"env_vars": {**job_runtime_env["env_vars"],
+                             "RAY_ADDRESS": ray_head_node.config.address}}
     submit = [ray_bin, "job", "submit", *address, "--working-dir", ".", "--no-wait",
               "--runtime-env-json", json.dumps(env_vars), "--",
               "python", "-m", "tuning.sweep", "--config", str(path), "--name",
@@ -302,6 +305,7 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, tmp_path):
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
     assert summary["trials"] == 4 and summary["trials_failed"] == 0
     assert "| trial_id |" in logs  # the results table is printed for the user
+    assert s3_server.config.secret_key not in logs + json.dumps(env_vars)
 
 
 def test_a_failing_trial_is_reported_and_the_sweep_goes_on(colours, ray_cluster, s3_env,

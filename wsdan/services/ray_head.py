@@ -41,6 +41,9 @@ class RayHeadConfig:
     client_server_port: int | None = None  # Ray's default 10001
     dashboard_agent_listen_port: int | None = None  # 52365
     metrics_export_port: int | None = None
+    # Several nodes may join (RayWorker). Only inside a private network namespace: without
+    # the single-node setting Ray takes the machine's interface address and listens on it.
+    multi_node: bool = False
 
     @property
     def address(self) -> str:
@@ -51,10 +54,15 @@ class RayHeadConfig:
         return f"http://{self.host}:{self.dashboard_port}"
 
 
-def ray_env(auth_mode: str = "disabled") -> dict[str, str]:
-    """Environment for any Ray process this project starts (head, driver, job submit)."""
-    env = dict(os.environ)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node, bound to 127.0.0.1
+def ray_env(auth_mode: str = "disabled", environ: dict[str, str] | None = None, *,
+            multi_node: bool = False) -> dict[str, str]:
+    """Environment for any Ray process this project starts (head, driver, job submit):
+    ``environ`` (default: ours) with Ray's settings for this project."""
+    env = dict(os.environ if environ is None else environ)
+    if multi_node:
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    else:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node, bound to 127.0.0.1
     env["RAY_AUTH_MODE"] = auth_mode
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # `python` in a job's entrypoint is this environment's interpreter (the venv's).
@@ -62,29 +70,55 @@ def ray_env(auth_mode: str = "disabled") -> dict[str, str]:
     return env
 
 
+def without_job_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: ours) less the S3/AWS and MLflow settings: what a head node the
+    project starts inherits, so that jobs must bring those in their runtime_env, and a node
+    never holds keys from the shell that started it."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+
+
+def _ray_cli() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else "ray"
+
+
+def _processes_naming(marker: str) -> list[psutil.Process]:
+    """Processes whose command line names ``marker`` (a node's own temp dir)."""
+    me = psutil.Process()
+    skip = {me.pid, *(q.pid for q in me.parents())}  # the caller may name the dir too
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid in skip:
+            continue
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 class RayHead:
     def __init__(self, config: RayHeadConfig) -> None:
         self.config = config
 
     def _ray(self) -> str:
-        exe = Path(sys.executable).with_name("ray")
-        return str(exe) if exe.exists() else "ray"
+        return _ray_cli()
 
     def processes(self) -> list[psutil.Process]:
         """Processes of *this* head: their command line names our temp dir."""
-        marker = str(self.config.temp_dir)
-        me = psutil.Process()
-        skip = {me.pid, *(q.pid for q in me.parents())}  # the caller may name the dir too
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            if p.pid in skip:
-                continue
-            try:
-                if any(marker in part for part in (p.info["cmdline"] or [])):
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
+        return _processes_naming(str(self.config.temp_dir))
 
     def healthy(self) -> bool:
         try:
@@ -93,12 +127,12 @@ class RayHead:
         except Exception:
             return False
 
-    def start(self, timeout: float = 120, extra_env: dict[str, str] | None = None) -> None:
+    def start(self, timeout: float = 120, environ: dict[str, str] | None = None) -> None:
         """Idempotent: a running head of this config is left alone.
 
-        ``extra_env`` reaches every Ray process of the node (workers, job drivers): how the
-        local stack hands its S3 endpoint and credentials to jobs without putting them in a
-        job submission, as a cluster's nodes would carry their own credentials."""
+        ``environ`` (default: ours) is inherited by every Ray process of the node (workers,
+        job drivers). The project's own heads get no S3 or MLflow settings this way: jobs
+        bring them in their ``runtime_env``."""
         c = self.config
         if self.processes() and self.healthy():
             return
@@ -120,7 +154,7 @@ class RayHead:
         log = c.temp_dir / "ray-start.log"
         with open(log, "ab") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**ray_env(c.auth_mode), **(extra_env or {})},
+                                  env=ray_env(c.auth_mode, environ, multi_node=c.multi_node),
                                   timeout=timeout)
         if proc.returncode != 0:
             raise RayHeadError(f"ray start failed (exit {proc.returncode}); see {log}:\n"
@@ -133,17 +167,87 @@ class RayHead:
             time.sleep(0.5)
 
     def stop(self, timeout: float = 10) -> None:
-        procs = self.processes()
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        _terminate(self.processes(), timeout)
 
     def status(self) -> dict:
         procs = self.processes()
         return {"running": bool(procs), "healthy": self.healthy() if procs else False,
                 "address": self.config.address, "dashboard": self.config.dashboard_url,
                 "processes": len(procs)}
+
+
+@dataclass(frozen=True)
+class RayWorkerConfig:
+    """A worker node joining a head started with ``multi_node=True`` (same machine, its own
+    temp dir and ports). ``name`` becomes a custom resource ``wsdan_node_<name>: 1``, by
+    which the node is found (and can be targeted)."""
+
+    head: RayHeadConfig
+    name: str
+    temp_dir: Path
+    num_cpus: int = 2
+    dashboard_agent_listen_port: int | None = None  # must differ between nodes of a machine
+    metrics_export_port: int | None = None
+    min_worker_port: int = 22000
+    max_worker_port: int = 22199
+
+    @property
+    def resource(self) -> str:
+        return f"wsdan_node_{self.name}"
+
+
+class RayWorker:
+    def __init__(self, config: RayWorkerConfig) -> None:
+        self.config = config
+
+    def processes(self) -> list[psutil.Process]:
+        return _processes_naming(str(self.config.temp_dir))
+
+    def raylet(self) -> psutil.Process | None:
+        """This node's raylet (kill it to take the node down as a crash would)."""
+        for p in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if Path((p.cmdline() or [""])[0]).name == "raylet":
+                    return p
+        return None
+
+    def alive(self) -> bool:
+        """Whether the cluster lists this node as alive (the head's State API)."""
+        url = f"{self.config.head.dashboard_url}/api/v0/nodes?limit=1000"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                nodes = json.loads(r.read())["data"]["result"]["result"]
+        except Exception:
+            return False
+        return any(n.get("state") == "ALIVE"
+                   and self.config.resource in (n.get("resources_total") or {})
+                   for n in nodes)
+
+    def start(self, timeout: float = 120, environ: dict[str, str] | None = None) -> None:
+        c = self.config
+        c.temp_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [_ray_cli(), "start", f"--address={c.head.address}", f"--num-cpus={c.num_cpus}",
+               f"--resources={json.dumps({c.resource: 1})}", f"--temp-dir={c.temp_dir}",
+               f"--min-worker-port={c.min_worker_port}",
+               f"--max-worker-port={c.max_worker_port}", "--disable-usage-stats"]
+        for flag, value in (("dashboard-agent-listen-port", c.dashboard_agent_listen_port),
+                            ("metrics-export-port", c.metrics_export_port)):
+            if value is not None:
+                cmd.append(f"--{flag}={value}")
+        log = c.temp_dir / "ray-start.log"
+        with open(log, "ab") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env=ray_env(c.head.auth_mode, environ,
+                                              multi_node=c.head.multi_node))
+        if proc.returncode != 0:
+            raise RayHeadError(f"ray start (worker {c.name}) failed (exit {proc.returncode}); "
+                               f"see {log}:\n" + log.read_text()[-2000:])
+        deadline = time.monotonic() + timeout
+        while not self.alive():
+            if time.monotonic() > deadline:
+                raise RayHeadError(f"worker node {c.name} did not join {c.head.address} in "
+                                   f"{timeout:.0f}s; see {log}")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 10) -> None:
+        _terminate(self.processes(), timeout)

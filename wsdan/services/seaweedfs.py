@@ -452,6 +452,18 @@ class S3Server:
             "AWS_DEFAULT_REGION": REGION,
         }
 
+    def job_env(self, credentials_file: str | os.PathLike[str],
+                profile: str = "wsdan") -> dict[str, str]:
+        """What a job's ``runtime_env`` carries to reach this server: the endpoint and a
+        *reference* to the keys (a shared-credentials file and its profile, written here
+        with mode 0600), never the keys themselves; boto3 and pyarrow's AWS SDK both read
+        ``AWS_SHARED_CREDENTIALS_FILE`` and ``AWS_PROFILE``."""
+        write_credentials_file(credentials_file, self.config.access_key,
+                               self.config.secret_key, profile=profile)
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": REGION,
+                "AWS_SHARED_CREDENTIALS_FILE": str(Path(credentials_file).resolve()),
+                "AWS_PROFILE": profile}
+
     def ensure_bucket(self, name: str) -> None:
         """Create bucket ``name`` unless it exists."""
         check_bucket_name(name)
@@ -612,3 +624,16 @@ def _log_excerpt(path: Path, lines: int = 20) -> str:
     shown = [*fatal[-5:], "..."] if fatal else []
     shown += section[-lines:]
     return "\n".join(shown) if shown else "(empty)"
+
+
+def write_credentials_file(path: str | os.PathLike[str], access_key: str, secret_key: str, *,
+                           profile: str = "wsdan") -> None:
+    """An AWS shared-credentials file with one profile, created 0600 (never world-readable,
+    not even for an instant)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[{profile}]\naws_access_key_id = {access_key}\n"
+                f"aws_secret_access_key = {secret_key}\n")
+    os.chmod(p, 0o600)  # an existing file keeps its mode through O_TRUNC

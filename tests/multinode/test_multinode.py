@@ -1,0 +1,194 @@
+"""The training job on a real multi-node Ray cluster (head + two worker nodes, see conftest):
+submitted with `ray job submit`, data from S3, checkpoints to s3://, one MLflow run, a
+registered model; workers on different nodes with identical replicas; a worker node killed
+mid-epoch and the job finishing from its last checkpoint on the node that is left; local
+paths refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+
+BUCKET = "wsdan-multinode"
+TINY = [
+    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
+    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
+    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
+    "data.resize_size=48",
+]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def data(s3_server, tmp_path_factory) -> str:
+    """A tiny generated data set (K=3, 64 px) prepared into s3://wsdan-multinode/data."""
+    from jobs import prepare_data
+    from wsdan.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+    s3_server.ensure_bucket(BUCKET)
+    src = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(src, spec=SyntheticSpec(num_classes=3, image_size=64, seed=0),
+                            n_train=96, n_val=24, n_test=6, progress=False)
+    saved = dict(os.environ)
+    os.environ.update(s3_server.aws_env())
+    try:
+        prepare_data.main(prepare_data.get_args_parser().parse_args(
+            ["--format", "synthetic", "--src", str(src), "--dest", f"s3://{BUCKET}/data",
+             "--no-progress"]))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return f"s3://{BUCKET}/data"
+
+
+def _train_argv(name: str, data: str, *extra: str) -> list[str]:
+    return ["python", "-m", "jobs.train", "--config", "jobs/configs/synthetic_cpu.yaml",
+            "--name", name, "--storage-path", f"s3://{BUCKET}/runs", "--num-workers", "2",
+            "--placement", "SPREAD", "--experiment", "wsdan-multinode", *TINY,
+            f"data.source={data}", *extra]
+
+
+def _submit(cluster, runtime_env: dict, argv: list[str]) -> str:
+    from wsdan.services.ray_head import ray_env
+
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
+           "--no-wait", "--runtime-env-json", json.dumps(runtime_env), "--", *argv]
+    done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    import re
+
+    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+
+
+def _wait(cluster, job_id: str, timeout: float = 600) -> tuple[str, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in (
+            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout}s"
+        time.sleep(2)
+    return status, client.get_job_logs(job_id)
+
+
+def _summary(logs: str) -> dict:
+    return json.loads([ln for ln in logs.splitlines() if ln.startswith('{"run_id"')][-1])
+
+
+def _alive_nodes(cluster) -> dict[str, dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{cluster.dashboard_url}/api/v0/nodes?limit=100") as r:
+        nodes = json.loads(r.read())["data"]["result"]["result"]
+    return {n["node_id"]: n for n in nodes if n["state"] == "ALIVE"}
+
+
+def test_job_spreads_over_worker_nodes_and_registers(multinode_cluster, data, job_runtime_env,
+                                                     mlflow_env, s3_server):
+    from mlflow import MlflowClient
+
+    job = _submit(multinode_cluster, job_runtime_env,
+                  _train_argv("mn-spread", data, "optim.epochs=2", "--register-as", "wsdan-mn"))
+    status, logs = _wait(multinode_cluster, job)
+    assert status == "SUCCEEDED", logs[-4000:]
+    out = _summary(logs)
+    assert out["epochs"] == 2
+    # One worker on each worker node (the head has no CPUs), the same model on both.
+    nodes = _alive_nodes(multinode_cluster)
+    worker_nodes = {nid for nid, n in nodes.items()
+                    if any(k.startswith("wsdan_node_") for k in n["resources_total"])}
+    assert len(worker_nodes) == 2
+    assert sorted(out["worker_nodes"]) == sorted(worker_nodes)
+    assert out["replicas_identical"] is True
+    # Checkpoints in S3; one MLflow run; a registered version.
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(
+        Bucket=BUCKET, Prefix="runs/mn-spread/").get("Contents", [])]
+    assert any(k.endswith("state.pt") for k in keys)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("wsdan-multinode")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'mn-spread'")
+    assert len(runs) == 1 and runs[0].info.run_id == out["run_id"]
+    assert [m.step for m in client.get_metric_history(out["run_id"], "epoch")] == [1, 2]
+    assert out["registered_version"] == 1
+    assert client.get_model_version("wsdan-mn", "1").run_id == out["run_id"]
+    # No key value anywhere the user or MLflow sees.
+    secret = s3_server.config.secret_key
+    for text in (logs, json.dumps(runs[0].data.params), json.dumps(runs[0].data.tags)):
+        assert secret not in text
+
+
+def test_killed_worker_node_job_resumes_on_the_node_left(multinode_cluster, data,
+                                                          job_runtime_env, mlflow_env,
+                                                          s3_server):
+    """Once the first epoch's checkpoint is in S3, worker node w2's raylet is SIGKILLed (a
+    node crash); Ray Train restarts the worker group on w1 from that checkpoint and the job
+    finishes all epochs: each epoch logged once, the centres restored, not reset."""
+    from mlflow import MlflowClient
+
+    epochs = 4
+    job = _submit(multinode_cluster, job_runtime_env,
+                  _train_argv("mn-kill", data, f"optim.epochs={epochs}"))
+    victim = multinode_cluster.workers[1]
+    deadline = time.monotonic() + 300
+    killed = False
+    while not killed and time.monotonic() < deadline:
+        keys = [o["Key"] for o in s3_server.client().list_objects_v2(
+            Bucket=BUCKET, Prefix="runs/mn-kill/").get("Contents", [])]
+        if any(k.endswith("state.pt") for k in keys):
+            raylet = victim.raylet()
+            assert raylet is not None
+            raylet.kill()
+            killed = True
+        time.sleep(0.5)
+    assert killed, "no checkpoint within 300 s"
+    status, logs = _wait(multinode_cluster, job)
+    assert status == "SUCCEEDED", logs[-5000:]
+    out = _summary(logs)
+    assert out["epochs"] == epochs
+    survivor = {nid for nid, n in _alive_nodes(multinode_cluster).items()
+                if "wsdan_node_w1" in n["resources_total"]}
+    assert set(out["worker_nodes"]) == survivor  # both ranks now on w1
+    assert out["replicas_identical"] is True
+    client = MlflowClient()
+    history = client.get_metric_history(out["run_id"], "epoch")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # each once
+    resumed = client.get_metric_history(out["run_id"], "resumed_center_norm")
+    assert resumed, "the job did not resume from a checkpoint: " + logs[-3000:]
+    norms = {m.step: m.value for m in client.get_metric_history(out["run_id"], "center_norm")}
+    for r in resumed:
+        assert r.value > 0 and r.value == pytest.approx(norms[r.step], rel=1e-6)
+
+
+def test_local_paths_are_refused_on_a_multi_node_cluster(multinode_cluster, data, tmp_path,
+                                                         s3_env):
+    """A driver on this machine, connected to the cluster: local storage, weights, data and
+    tracking store are each named, with what to use instead, before any work (exit 2)."""
+    from wsdan.services.ray_head import ray_env
+
+    env = ray_env(multi_node=True)
+    env.update({"RAY_ADDRESS": multinode_cluster.address, "MLFLOW_TRACKING_URI":
+                f"sqlite:///{tmp_path}/mlflow.db"})
+    local_data = tmp_path / "data"
+    local_data.mkdir()
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    argv = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/synthetic_cpu.yaml",
+            "--storage-path", str(tmp_path / "runs"), *TINY, f"model.weights={weights}",
+            f"data.source={data}"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    err = done.stderr
+    assert "this Ray cluster has 3 nodes" in err
+    for what in ("--storage-path", "model.weights", "MLflow tracking URI", "s3://",
+                 "--shared-filesystem"):
+        assert what in err
+    assert not (tmp_path / "runs").exists()  # nothing written

@@ -1,0 +1,112 @@
+"""Cluster checks made before any work (wsdan.cluster): node-local locations on a cluster of
+several nodes, and resources against what the cluster has now or can scale to."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsdan.cluster import (
+    ClusterView,
+    check_node_local,
+    node_local_problems,
+    plan_resources,
+    wait_for_resources,
+)
+from wsdan.config import ConfigError
+
+REMOTE = {"storage_path": "s3://b/runs", "weights": "s3://b/w.pt", "data_source": "s3://b/data",
+          "tracking_uri": "http://mlflow:5000"}
+ONE_NODE = ClusterView(nodes=[{"CPU": 8.0}])
+THREE_NODES = ClusterView(nodes=[{"CPU": 2.0}, {"CPU": 4.0}, {"CPU": 4.0}])
+# A KubeRay-style cluster: a head without CPUs; a GPU group that starts at zero (max 4 of
+# 8 CPU + 1 GPU) and can scale to 32 CPU, 4 GPU.
+KUBERAY = ClusterView(nodes=[{"CPU": 0.0}], max_total={"CPU": 32.0, "GPU": 4.0},
+                      group_nodes=[{"CPU": 8.0, "GPU": 1.0}])
+
+
+def test_remote_locations_have_no_problems():
+    assert node_local_problems(**REMOTE) == []
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("storage_path", ".wsdan/runs", "--storage-path '.wsdan/runs'"),
+    ("storage_path", "file:///mnt/runs", "--storage-path"),
+    ("weights", "/data/w.pt", "model.weights '/data/w.pt'"),
+    ("data_source", "data/cub", "data.source 'data/cub'"),
+    ("tracking_uri", "sqlite:///x/mlflow.db", "MLflow tracking URI 'sqlite:///x/mlflow.db'"),
+    ("tracking_uri", "file:///x/mlruns", "tracking URI"),
+    ("tracking_uri", "", "MLFLOW_TRACKING_URI unset"),
+])
+def test_each_node_local_location_is_named_with_what_to_use(key, value, named):
+    problems = node_local_problems(**{**REMOTE, key: value})
+    assert len(problems) == 1 and named in problems[0]
+    assert ("s3://" in problems[0]) or ("tracking server" in problems[0])
+
+
+def test_unset_weights_are_not_a_problem():
+    assert node_local_problems(**{**REMOTE, "weights": None}) == []
+
+
+def test_one_node_allows_local_paths_and_several_refuse_them_all_at_once():
+    local = {"storage_path": "runs", "weights": "w.pt", "data_source": "data",
+             "tracking_uri": "sqlite:///m.db"}
+    check_node_local(ONE_NODE, **local)  # nothing raised
+    with pytest.raises(ConfigError) as e:
+        check_node_local(THREE_NODES, **local)
+    text = str(e.value)
+    assert "3 nodes" in text and "--shared-filesystem" in text
+    for what in ("--storage-path", "model.weights", "data.source", "tracking URI"):
+        assert what in text
+    with pytest.raises(ConfigError, match="autoscaling"):  # one node now, more to come
+        check_node_local(KUBERAY, **local)
+
+
+def test_shared_filesystem_allows_paths_but_not_a_local_tracking_store():
+    local_paths = {**REMOTE, "storage_path": "/nfs/runs", "data_source": "/nfs/data"}
+    check_node_local(THREE_NODES, shared_fs=True, **local_paths)
+    with pytest.raises(ConfigError, match="tracking URI"):
+        check_node_local(THREE_NODES, shared_fs=True,
+                         **{**local_paths, "tracking_uri": "sqlite:///m.db"})
+
+
+def _job(workers: int, per_worker: dict, data_cpus: float = 1.0) -> list[dict]:
+    return [per_worker] * workers + [{"CPU": data_cpus}]
+
+
+def test_fixed_cluster_ok_or_an_error_naming_the_flag():
+    assert plan_resources(THREE_NODES, _job(4, {"CPU": 2.0}), what="job") == "ok"
+    with pytest.raises(ConfigError, match=r"--num-workers: job need 11 CPU; the Ray cluster "
+                                          r"has 10 CPU"):
+        plan_resources(THREE_NODES, _job(5, {"CPU": 2.0}), what="job")
+
+
+def test_a_worker_that_fits_no_node_is_refused_even_if_the_total_suffices():
+    # 10 CPUs in all, but no node has 6.
+    with pytest.raises(ConfigError, match="no node of this cluster .* largest has 4 CPU"):
+        plan_resources(THREE_NODES, _job(1, {"CPU": 6.0}), what="job")
+
+
+def test_autoscaling_cluster_waits_when_it_can_scale_and_refuses_when_it_cannot():
+    gpu = {"CPU": 4.0, "GPU": 1.0}
+    assert plan_resources(KUBERAY, _job(4, gpu), what="job") == "wait"
+    with pytest.raises(ConfigError, match=r"--use-gpu: job need .*5 GPU.*can scale to .*4 GPU"):
+        plan_resources(KUBERAY, _job(5, gpu), what="job")
+    with pytest.raises(ConfigError, match="one worker needs 1 CPU, 2 GPU on one node"):
+        plan_resources(KUBERAY, _job(1, {"CPU": 1.0, "GPU": 2.0}), what="job")
+
+
+def test_wait_for_resources_returns_once_nodes_join_and_times_out_clearly():
+    grown = ClusterView(nodes=[{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}],
+                        max_total=KUBERAY.max_total, group_nodes=KUBERAY.group_nodes)
+    views = iter([KUBERAY, KUBERAY, grown])
+    requests, notes = [], []
+    bundles = _job(2, {"CPU": 4.0, "GPU": 1.0})
+    wait_for_resources(bundles, what="job", timeout_s=60, describe=lambda: next(views),
+                       request=requests.append, log=notes.append, poll_s=0)
+    assert requests == [bundles, []]  # asked for the job's bundles, then withdrew the ask
+    assert "waiting up to 60s" in notes[0] and "cluster ready: 3 node(s)" in notes[-1]
+    requests.clear()
+    with pytest.raises(ConfigError, match=r"need 9 CPU, 2 GPU; after 0s the cluster has nothing \(1 node\(s\)\)"):
+        wait_for_resources(bundles, what="job", timeout_s=0, describe=lambda: KUBERAY,
+                           request=requests.append, log=notes.append, poll_s=0)
+    assert requests[-1] == []  # the request is withdrawn on timeout too

@@ -1,0 +1,236 @@
+"""What the connected Ray cluster is and can become, and the checks a job makes against it
+before any work starts.
+
+Two things differ between one machine and a real cluster, and both are checked here:
+
+* **Paths.** On a cluster of several nodes (or one that can scale out) a local path is a
+  different file on every node: checkpoints written to a node-local ``--storage-path`` are
+  lost with the node, local weights or data exist only where they were put, and a tracking
+  URI that is a local file gives every node its own MLflow store. Such a job is refused with
+  what to use instead (``s3://`` URIs, a tracking server), unless the user says the local
+  paths are on a file system that every node mounts (NFS).
+* **Resources.** An autoscaling cluster (KubeRay with a ``num-cpus: 0`` head and worker
+  groups that start at zero) holds almost nothing until asked. The job's needs are checked
+  against what the cluster *can scale to*; if that suffices but the nodes are not up yet,
+  the job asks the autoscaler for them and waits, with a timeout and a clear message.
+
+The pure parts (:func:`node_local_problems`, :func:`plan_resources`) take plain values and
+are tested with them; :func:`describe_cluster` reads the live cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsdan import storage
+from wsdan.config import ConfigError
+
+Resources = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """A snapshot of the cluster: alive nodes' resources now, and (autoscaling clusters) the
+    largest node of each worker group and the totals the cluster may scale to."""
+
+    nodes: Sequence[Resources]  # alive nodes, their total resources
+    max_total: Resources | None = None  # None: no autoscaler config (a fixed cluster)
+    group_nodes: Sequence[Resources] = field(default_factory=list)  # one node per group
+
+    @property
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for node in self.nodes:
+            for k, v in node.items():
+                out[k] = out.get(k, 0.0) + float(v)
+        return out
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_total is not None
+
+    @property
+    def multi_node(self) -> bool:
+        """More than one node now, or a cluster that can add nodes."""
+        return len(self.nodes) > 1 or self.autoscaling
+
+    def largest_nodes(self) -> list[Resources]:
+        return [*self.nodes, *self.group_nodes]
+
+
+def describe_cluster() -> ClusterView:
+    """The connected cluster (``ray.init`` done)."""
+    import ray
+
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    max_total, groups = _autoscaler_limits()
+    return ClusterView(nodes=nodes, max_total=max_total, group_nodes=groups)
+
+
+def _autoscaler_limits() -> tuple[dict[str, float] | None, list[dict[str, float]]]:
+    """The autoscaler's cluster config (worker groups and their max counts), as KubeRay and
+    ``ray up`` clusters publish it. Ray has no public API for it; Ray Data reads it the same
+    way. None when the cluster has no autoscaler (or the call is unavailable)."""
+    try:
+        from ray._private.state import state  # no public equivalent in Ray 2.60
+
+        config = state.get_cluster_config()
+        if config is None or not config.node_group_configs:
+            return None, []
+        groups = [{k: float(v) for k, v in g.resources.items()}
+                  for g in config.node_group_configs if g.max_count != 0]
+        max_total = state.get_max_resources_from_cluster_config()
+        return ({k: float(v) for k, v in max_total.items()} if max_total else None), groups
+    except Exception:  # an older/newer Ray without it: behave as a fixed cluster
+        return None, []
+
+
+# -- node-local paths ------------------------------------------------------------------------
+
+
+def _is_local_uri(uri: str) -> bool:
+    try:
+        return not storage.is_remote(uri)
+    except ValueError:
+        return False  # another scheme (gs://, hdfs://): not ours to judge here
+
+
+def _is_local_tracking(uri: str | None) -> bool:
+    if not uri:
+        return True  # the embedded default: a sqlite file under .wsdan/
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return scheme in ("", "file", "sqlite") or (len(scheme) == 1)  # C:\ paths
+
+
+def node_local_problems(*, storage_path: str | None, weights: str | None,
+                        data_source: str | None, tracking_uri: str | None) -> list[str]:
+    """Why each given location would break on a multi-node cluster (empty: none)."""
+    problems = []
+    if storage_path is not None and _is_local_uri(storage_path):
+        problems.append(f"--storage-path {storage_path!r} is a local folder: checkpoints "
+                        "written there stay on whichever node wrote them and a resumed job "
+                        "cannot find them; use s3://bucket/prefix")
+    if weights and _is_local_uri(weights):
+        problems.append(f"model.weights {weights!r} is a local file: the other nodes do not "
+                        "have it; upload it and give its s3:// URI")
+    if data_source and _is_local_uri(data_source):
+        problems.append(f"data.source {data_source!r} is a local path: Ray Data reads it on "
+                        "every node; prepare the data set into s3:// (wsdan data prepare)")
+    if tracking_uri is not None and _is_local_tracking(tracking_uri):
+        shown = tracking_uri or "the default local sqlite file (MLFLOW_TRACKING_URI unset)"
+        problems.append(f"MLflow tracking URI {shown!r} is a local file: the workers on "
+                        "other nodes would log to stores of their own; set "
+                        "MLFLOW_TRACKING_URI to a tracking server (http://...)")
+    return problems
+
+
+def check_node_local(view: ClusterView, *, shared_fs: bool = False, **locations: Any) -> None:
+    """Refuse node-local locations on a multi-node (or autoscaling) cluster; with
+    ``shared_fs`` the user vouches that local paths are on a file system every node mounts,
+    so only the tracking URI is still checked. ``locations``: as :func:`node_local_problems`.
+    """
+    if not view.multi_node:
+        return
+    if shared_fs:
+        locations = {k: (v if k == "tracking_uri" else None) for k, v in locations.items()}
+    problems = node_local_problems(**locations)
+    if problems:
+        what = (f"{len(view.nodes)} nodes" if not view.autoscaling
+                else f"{len(view.nodes)} node(s) now, autoscaling")
+        raise ConfigError(
+            f"this Ray cluster has {what}, and the job names node-local locations:\n  - "
+            + "\n  - ".join(problems)
+            + "\n(if these paths are on a file system that every node mounts, pass "
+              "--shared-filesystem)")
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+def _fits(bundle: Resources, node: Resources) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
+
+
+def _fmt(res: Resources) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v) or "nothing"
+
+
+def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
+                   what: str, flag: str = "--num-workers") -> str:
+    """``"ok"`` (the cluster holds ``bundles`` now) or ``"wait"`` (it can scale to them);
+    raises :class:`ConfigError` naming ``flag`` when it never can: one bundle fits no node
+    (of now or of any worker group), or the totals exceed what the cluster can become."""
+    need = _sum(bundles)
+    nodes = view.largest_nodes()
+    for b in bundles:
+        if not any(_fits(b, n) for n in nodes):
+            biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            raise ConfigError(
+                f"{flag}: {what}: one worker needs {_fmt(b)} on one node, and no node of this "
+                f"cluster (or of its worker groups) has that; the largest has {_fmt(biggest)}")
+    total = view.total
+    if all(total.get(k, 0.0) >= v for k, v in need.items()):
+        return "ok"
+    ceiling = view.max_total if view.max_total is not None else total
+    short = {k: v for k, v in need.items() if ceiling.get(k, 0.0) < v}
+    if short:
+        key = "GPU" if "GPU" in short else next(iter(short))
+        limit = "can scale to" if view.autoscaling else "has"
+        raise ConfigError(
+            f"{'--use-gpu' if key == 'GPU' else flag}: {what} need {_fmt(need)}; the Ray "
+            f"cluster {limit} {_fmt({k: ceiling.get(k, 0.0) for k in need})}")
+    return "wait"
+
+
+def wait_for_resources(bundles: Sequence[Resources], *, what: str, timeout_s: float,
+                       flag: str = "--num-workers", view: ClusterView | None = None,
+                       describe: Callable[[], ClusterView] = describe_cluster,
+                       request: Callable[[list[dict[str, float]]], None] | None = None,
+                       log: Callable[[str], None] = print, poll_s: float = 5.0) -> None:
+    """Check ``bundles`` against the cluster; on an autoscaling cluster that must grow,
+    ask the autoscaler for them and wait up to ``timeout_s`` for the nodes to join.
+    ``view``: the cluster as already described (else ``describe()`` is called);
+    ``request``: how to ask for resources (default: Ray's autoscaler SDK)."""
+    view = view or describe()
+    if plan_resources(view, bundles, what=what, flag=flag) == "ok":
+        return
+    if request is None:
+        from ray.autoscaler.sdk import request_resources
+
+        def request(b: list[dict[str, float]]) -> None:
+            request_resources(bundles=b)
+
+    log(f"[wsdan] waiting up to {timeout_s:.0f}s for the cluster to scale up: {what} need "
+        f"{_fmt(_sum(bundles))}, it has {_fmt(view.total)}")
+    request([dict(b) for b in bundles])
+    deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 60
+    try:
+        while True:
+            time.sleep(poll_s)
+            view = describe()
+            if plan_resources(view, bundles, what=what, flag=flag) == "ok":
+                log(f"[wsdan] cluster ready: {len(view.nodes)} node(s), {_fmt(view.total)}")
+                return
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"{flag}: {what} need {_fmt(_sum(bundles))}; after {timeout_s:.0f}s the "
+                    f"cluster has {_fmt(view.total)} ({len(view.nodes)} node(s)). The "
+                    "autoscaler did not add nodes in time: check its logs and node quotas, "
+                    "or raise --resource-timeout")
+            if time.monotonic() > next_note:
+                log(f"[wsdan] still waiting: {len(view.nodes)} node(s), {_fmt(view.total)}")
+                next_note += 60
+    finally:
+        request([])  # the job's own placement group holds them from here
+
+
+def _sum(bundles: Sequence[Resources]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
