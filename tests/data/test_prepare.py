@@ -35,9 +35,11 @@ def _prepare(fmt: str, src: Path, dest: Path, **kw) -> dict:
     return prepare_dataset(read_dataset(fmt, str(src)), str(dest), progress=False, **kw)
 
 
-def _read_split(dest: Path, manifest: dict, split: str) -> pa.Table:
+def _read_split(dest: Path, manifest: dict, split: str, *, by_id: bool = True) -> pa.Table:
+    """The rows of ``split``, sorted by image id (``by_id``) or in the order stored."""
     tables = [pq.read_table(dest / rel) for rel in manifest["shards"][split]]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return table.sort_by("image_id") if by_id else table
 
 
 def _hashes(dest: Path) -> dict[str, str]:
@@ -69,8 +71,13 @@ def test_cub_end_to_end(tmp_path):
         table = _read_split(dest, manifest, split)
         assert table.schema.equals(SCHEMA)
         assert pq.ParquetFile(dest / manifest["shards"][split][0]).schema_arrow.equals(SCHEMA)
-        ids = table["image_id"].to_pylist()
-        assert ids == sorted(ids) and set(table["split"].to_pylist()) == {split}
+        assert set(table["split"].to_pylist()) == {split}
+        stored = _read_split(dest, manifest, split, by_id=False)["image_id"].to_pylist()
+        assert sorted(stored) == table["image_id"].to_pylist()
+        listing = read_dataset("cub", str(src))
+        records = carve_val_split(listing.records, num_classes=3, fraction=0.34, seed=3)
+        assert stored == [r.image_id for r in shards.split_order(records, split, 3)]
+        assert manifest["row_groups"][split] == [[len(stored)]]
     test = _read_split(dest, manifest, "test").to_pylist()
     assert [r["image_id"] for r in test] == ["12", "4", "8"]
     row = test[1]  # CUB id 4: class 1, box x=4 y=2 w=10 h=20

@@ -2,7 +2,7 @@
 
 Layout under ``dest`` (a local folder or ``s3://bucket/prefix``)::
 
-    train/part-00000.parquet, part-00001.parquet, ...   rows sorted by image_id
+    train/part-00000.parquet, part-00001.parquet, ...   rows in a seeded random order
     val/...  test/...
     dataset.json                                        written last
 
@@ -11,9 +11,18 @@ FGVC-Aircraft's banner crop), ``label``, ``label_name``, ``split``, ``image_id``
 ``part_bbox`` (``x0, y0, x1, y1`` in pixels of the stored image, null when unknown),
 ``width``, ``height`` (read from the image header).
 
+Row order: each split's images are written in a random permutation seeded by ``(seed,
+split)`` (`split_order`), not in image-id order. Public data sets number their images class
+by class, and a streaming reader mixes only within a local shuffle buffer and the order of
+its read units, so id order would hand out batches drawn from a few classes. The
+permutation is drawn from the split's image ids sorted, so it depends on nothing else.
+
 A shard closes before the image bytes in it would pass ``shard_mb``; row groups hold at most
-`ROW_GROUP_ROWS` rows so that Ray Data can split a shard over readers. Everything depends
-only on the inputs, so a rerun writes byte-identical files; shards of an earlier run that the
+`ROW_GROUP_ROWS` rows: a row group is the unit that ``wsdan.data.pipeline`` reads and decodes
+in one Ray task, so even a split in a single file is decoded by as many CPUs as it has row
+groups. The manifest lists the rows of every row group (``row_groups``), so readers plan
+without opening footers. Everything depends only on the inputs, so a rerun writes
+byte-identical files; shards of an earlier run that the
 new manifest does not list are deleted. The old manifest is deleted before the first shard
 is written and the new one written last, so a reader never sees a manifest that does not
 match the shards.
@@ -25,10 +34,12 @@ was raised by the reader before anything was written.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
 import statistics
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -45,7 +56,12 @@ from wsdan.storage import filesystem_and_path, write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
-ROW_GROUP_ROWS = 256
+# Rows per row group, the pipeline's read + decode unit (one Ray task): ~10 MB of CUB-sized
+# JPEGs, ~1 s of decoding at 512 px. Smaller groups cost a request and a task per few images.
+ROW_GROUP_ROWS = 128
+# Mixed into the seed of the row order, so that it draws from other random streams than
+# carve_val_split (which seeds with (seed, label)).
+_ORDER_STREAM = 0x5EED0DE5
 MAX_SHARD_MB = 1024  # a binary column chunk must stay under 2 GiB
 _SHARD_NAME = re.compile(r"^part-\d{5}\.parquet$")
 
@@ -103,6 +119,15 @@ def carve_val_split(
         rng = np.random.default_rng([seed, label])
         to_val.update(ids[i] for i in rng.choice(len(ids), size=max(n_val, 0), replace=False))
     return [replace(r, split="val") if r.image_id in to_val else r for r in records]
+
+
+def split_order(records: list[ImageRecord], split: str, seed: int) -> list[ImageRecord]:
+    """The images of ``split`` in the order they are written: a uniformly random permutation
+    of the split's records sorted by image id, drawn from ``(seed, split)``. It depends on
+    nothing but the seed, the split's name and its set of image ids."""
+    ordered = sorted((r for r in records if r.split == split), key=lambda r: r.image_id)
+    rng = np.random.default_rng([_ORDER_STREAM, seed % 2**64, zlib.crc32(split.encode())])
+    return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
 # --- images ----------------------------------------------------------------------------
@@ -191,6 +216,11 @@ def _join(dest: str, rel: str) -> str:
     return f"{dest.rstrip('/')}/{rel}"
 
 
+def row_group_sizes(num_rows: int) -> list[int]:
+    """Rows of each row group of a shard of ``num_rows`` rows, as `encode_shard` writes them."""
+    return [min(ROW_GROUP_ROWS, num_rows - i) for i in range(0, num_rows, ROW_GROUP_ROWS)]
+
+
 def _write_shard(
     dest: str, split: str, index: int, rows: list[ImageRow], listing: DatasetListing
 ) -> str:
@@ -243,6 +273,7 @@ def prepare_dataset(
     _delete(fs, f"{base}/{MANIFEST}")
 
     shards: dict[str, list[str]] = {}
+    row_groups: dict[str, list[list[int]]] = {}
     class_counts: dict[str, list[int]] = {}
     skipped: list[Skipped] = []
     with (
@@ -257,23 +288,27 @@ def prepare_dataset(
         for split in SPLITS:
             bar.set_postfix(split=split)
             shards[split], class_counts[split] = [], [0] * len(listing.classes)
+            row_groups[split] = []
             batch: list[ImageRow] = []
             size = 0
-            for item in _load_in_order(listing, [r for r in records if r.split == split], pool):
-                bar.update()
+            loaded = _load_in_order(listing, split_order(records, split, seed), pool)
+            for item in itertools.chain(loaded, [None]):  # None: the end, write the last shard
                 if isinstance(item, Skipped):
+                    bar.update()
                     skipped.append(item)
                     continue
-                if batch and size + len(item.data) > target:
+                if batch and (item is None or size + len(item.data) > target):
                     shards[split].append(
                         _write_shard(dest, split, len(shards[split]), batch, listing)
                     )
+                    row_groups[split].append(row_group_sizes(len(batch)))
                     batch, size = [], 0
+                if item is None:
+                    break
+                bar.update()
                 batch.append(item)
                 size += len(item.data)
                 class_counts[split][item.record.label] += 1
-            if batch:
-                shards[split].append(_write_shard(dest, split, len(shards[split]), batch, listing))
 
     for split in SPLITS:
         for rel in _existing_shards(fs, base, split):
@@ -289,6 +324,8 @@ def prepare_dataset(
         "counts": {s: sum(class_counts[s]) for s in SPLITS},
         "class_counts": class_counts,
         "shards": shards,
+        "row_groups": row_groups,
+        "row_order": "a random permutation of each split, seeded by (seed, split)",
         "skipped": [s._asdict() for s in sorted(skipped)],
         "val_from_train": val_from_train,
         "val_fraction": float(val_fraction),
