@@ -70,14 +70,18 @@ def s3_env(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-do-not-print")
 
 
+# Timeouts a loaded S3 server needs (the SDK's defaults are 1 s / 3 s); part of equality.
+T = {"connect_timeout": 10.0, "request_timeout": 120.0}
+
+
 def test_s3_uri_parsing_with_http_endpoint(s3_env):
     """Building the file system makes no request; the endpoint and scheme come from
     AWS_ENDPOINT_URL, the key is taken literally."""
     fs, path = storage.filesystem_and_path("s3://bucket/runs/exp 1/model#3.pt")
     assert isinstance(fs, pafs.S3FileSystem)
     assert path == "bucket/runs/exp 1/model#3.pt"
-    assert fs.equals(pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http"))
-    assert not fs.equals(pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="https"))
+    assert fs.equals(pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http", **T))
+    assert not fs.equals(pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="https", **T))
 
     assert storage.filesystem_and_path("s3://bucket")[1] == "bucket"
     assert storage.filesystem_and_path("s3://bucket/prefix/")[1] == "bucket/prefix"
@@ -86,10 +90,10 @@ def test_s3_uri_parsing_with_http_endpoint(s3_env):
 def test_s3_endpoint_variables(monkeypatch, s3_env):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://objects.example:8443")
     fs, _ = storage.filesystem_and_path("s3://bucket/key")
-    assert fs.equals(pafs.S3FileSystem(endpoint_override="objects.example:8443", scheme="https"))
+    assert fs.equals(pafs.S3FileSystem(endpoint_override="objects.example:8443", scheme="https", **T))
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "objects.example")  # no scheme: https
     fs, _ = storage.filesystem_and_path("s3://bucket/key")
-    assert fs.equals(pafs.S3FileSystem(endpoint_override="objects.example", scheme="https"))
+    assert fs.equals(pafs.S3FileSystem(endpoint_override="objects.example", scheme="https", **T))
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://host:1/some/path")
     with pytest.raises(ValueError, match="has a path"):
         storage.filesystem_and_path("s3://bucket/key")

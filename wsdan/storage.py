@@ -74,13 +74,26 @@ def _s3_where(uri: str) -> str:
     return f"{uri} (S3 endpoint {_s3_endpoint() or 'AWS default'}, bucket {bucket!r})"
 
 
+# The AWS C++ SDK under pyarrow gives up after 1 s to connect and 3 s for a request: a
+# busy S3 server (or a loaded node) exceeds that and a job fails on a checkpoint upload.
+# These travel with the file system when Ray ships it to workers (its retry strategy does
+# not: workers keep the SDK's standard retries, 3 attempts with backoff).
+_S3_TIMEOUTS = {"connect_timeout": 10.0, "request_timeout": 120.0}
+_S3_RETRIES = 8  # attempts, with the SDK's exponential backoff, where the strategy applies
+
+
+def _s3_options() -> dict:
+    return {**_S3_TIMEOUTS,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_RETRIES)}
+
+
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = _s3_endpoint()
     if endpoint is None:
         # Real AWS: from_uri resolves the bucket's region (one request); bucket names are
         # plain DNS labels, so URI parsing is safe for this part.
         fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")
-        return fs
+        return pafs.S3FileSystem(region=fs.region, **_s3_options())
     parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"cannot parse S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
@@ -88,7 +101,8 @@ def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
         raise ValueError(f"S3 endpoint {endpoint!r} has a path; only http(s)://host[:port] works")
     # Path-style addressing is pyarrow's default (force_virtual_addressing=False), which is
     # what S3-compatible servers on an IP address need.
-    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme,
+                             **_s3_options())
 
 
 def _local_path(uri: str) -> str:
