@@ -39,6 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="where Ray puts the training workers: PACK (fewest nodes) or SPREAD "
                         "(one per node where possible)")
+    p.add_argument("--autoscaling-cluster", action="store_true",
+                   help="the cluster adds nodes on demand (Ray's v1 autoscaler, which does "
+                        "not publish its limits): wait for resources instead of failing")
     p.add_argument("--resource-timeout", type=float, default=900.0,
                    help="seconds to wait for an autoscaling cluster to add the nodes the "
                         "job needs")
@@ -53,7 +56,7 @@ def main(args: argparse.Namespace) -> dict:
                    num_workers=args.num_workers, use_gpu=args.use_gpu,
                    max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
                    shared_fs=args.shared_filesystem, resource_timeout_s=args.resource_timeout,
-                   placement=args.placement)
+                   placement=args.placement, autoscaling=args.autoscaling_cluster)
     manifest, resumed = preflight(cfg, spec)
 
     import mlflow

@@ -131,7 +131,7 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
         s3_secret_key=s3_server.config.secret_key,
     )
     server = MlflowServer(config)
-    server.start()
+    server.start(timeout=300)  # ~10 s when idle; minutes on a loaded two-core machine
     try:
         yield server
     finally:

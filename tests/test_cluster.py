@@ -110,3 +110,14 @@ def test_wait_for_resources_returns_once_nodes_join_and_times_out_clearly():
         wait_for_resources(bundles, what="job", timeout_s=0, describe=lambda: KUBERAY,
                            request=requests.append, log=notes.append, poll_s=0)
     assert requests[-1] == []  # the request is withdrawn on timeout too
+
+
+def test_an_autoscaler_without_published_limits_is_waited_for_not_refused():
+    v1 = ClusterView(nodes=[{"CPU": 0.0}], autoscaler=True)  # a v1 autoscaler's cluster
+    assert v1.multi_node and not v1.limits_known
+    assert plan_resources(v1, _job(64, {"CPU": 4.0, "GPU": 1.0}), what="job") == "wait"
+    grown = ClusterView(nodes=[{"CPU": 0.0}, {"CPU": 8.0}], autoscaler=True)
+    assert plan_resources(grown, _job(2, {"CPU": 2.0}), what="job") == "ok"
+    with pytest.raises(ConfigError, match="autoscaling"):
+        check_node_local(v1, storage_path="runs", weights=None, data_source=None,
+                         tracking_uri="http://m")

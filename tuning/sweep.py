@@ -51,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-filesystem", action="store_true",
                    help="local paths are on a file system that every node mounts (NFS): "
                         "allow them on a multi-node cluster")
+    p.add_argument("--autoscaling-cluster", action="store_true",
+                   help="the cluster adds nodes on demand (Ray's v1 autoscaler, which does "
+                        "not publish its limits): wait for resources instead of failing")
     p.add_argument("--resource-timeout", type=float, default=900.0,
                    help="seconds to wait for an autoscaling cluster to add the nodes one "
                         "trial needs")
@@ -168,7 +171,7 @@ def _check_cluster(sweep, args: argparse.Namespace, tracking_uri: str) -> int:
     from tuning.space import max_concurrent
     from wsdan.cluster import check_node_local, describe_cluster, wait_for_resources
 
-    view = describe_cluster()
+    view = describe_cluster(autoscaling=args.autoscaling_cluster)
     check_node_local(view, shared_fs=args.shared_filesystem, storage_path=args.storage_path,
                      weights=sweep.train.model.weights, data_source=sweep.train.data.source,
                      tracking_uri=tracking_uri)
@@ -176,7 +179,8 @@ def _check_cluster(sweep, args: argparse.Namespace, tracking_uri: str) -> int:
     concurrent = max_concurrent(sweep, view.max_total if view.autoscaling else view.total)
     wait_for_resources([res.per_worker()] * res.num_workers + [{"CPU": res.data_cpus}],
                        what=f"one trial of {res.num_workers} worker(s)", flag="resources",
-                       timeout_s=args.resource_timeout, view=view)
+                       timeout_s=args.resource_timeout, view=view,
+                       describe=lambda: describe_cluster(autoscaling=args.autoscaling_cluster))
     return concurrent
 
 

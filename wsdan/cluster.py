@@ -37,8 +37,11 @@ class ClusterView:
     largest node of each worker group and the totals the cluster may scale to."""
 
     nodes: Sequence[Resources]  # alive nodes, their total resources
-    max_total: Resources | None = None  # None: no autoscaler config (a fixed cluster)
+    max_total: Resources | None = None  # None: the autoscaler published no limits
     group_nodes: Sequence[Resources] = field(default_factory=list)  # one node per group
+    # An autoscaler runs, whether or not it published its limits (Ray's v1 autoscaler does
+    # not; the user then says so: --autoscaling-cluster).
+    autoscaler: bool = False
 
     @property
     def total(self) -> dict[str, float]:
@@ -50,7 +53,12 @@ class ClusterView:
 
     @property
     def autoscaling(self) -> bool:
-        return self.max_total is not None
+        return self.autoscaler or self.max_total is not None
+
+    @property
+    def limits_known(self) -> bool:
+        """What the cluster can grow to is known (always, for a fixed cluster)."""
+        return not self.autoscaling or self.max_total is not None
 
     @property
     def multi_node(self) -> bool:
@@ -61,19 +69,22 @@ class ClusterView:
         return [*self.nodes, *self.group_nodes]
 
 
-def describe_cluster() -> ClusterView:
-    """The connected cluster (``ray.init`` done)."""
+def describe_cluster(*, autoscaling: bool = False) -> ClusterView:
+    """The connected cluster (``ray.init`` done). Ray's v2 autoscaler publishes its limits
+    and is found; ``autoscaling``: the user says the cluster adds nodes on demand (Ray's v1
+    autoscaler publishes nothing that tells it apart from a fixed cluster)."""
     import ray
 
     nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
     max_total, groups = _autoscaler_limits()
-    return ClusterView(nodes=nodes, max_total=max_total, group_nodes=groups)
+    return ClusterView(nodes=nodes, max_total=max_total, group_nodes=groups,
+                       autoscaler=autoscaling or max_total is not None)
 
 
 def _autoscaler_limits() -> tuple[dict[str, float] | None, list[dict[str, float]]]:
-    """The autoscaler's cluster config (worker groups and their max counts), as KubeRay and
-    ``ray up`` clusters publish it. Ray has no public API for it; Ray Data reads it the same
-    way. None when the cluster has no autoscaler (or the call is unavailable)."""
+    """The autoscaler's cluster config (worker groups and their max counts), as Ray's v2
+    autoscaler publishes it. Ray has no public API for it; Ray Data reads it the same way.
+    None when there is none (or the call is unavailable)."""
     try:
         from ray._private.state import state  # no public equivalent in Ray 2.60
 
@@ -165,13 +176,16 @@ def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
     (of now or of any worker group), or the totals exceed what the cluster can become."""
     need = _sum(bundles)
     nodes = view.largest_nodes()
+    total = view.total
+    if not view.limits_known:
+        # An autoscaler whose limits are unknown: what it cannot do shows only as a timeout.
+        return "ok" if all(total.get(k, 0.0) >= v for k, v in need.items()) else "wait"
     for b in bundles:
         if not any(_fits(b, n) for n in nodes):
             biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             raise ConfigError(
                 f"{flag}: {what}: one worker needs {_fmt(b)} on one node, and no node of this "
                 f"cluster (or of its worker groups) has that; the largest has {_fmt(biggest)}")
-    total = view.total
     if all(total.get(k, 0.0) >= v for k, v in need.items()):
         return "ok"
     ceiling = view.max_total if view.max_total is not None else total
@@ -181,7 +195,9 @@ def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
         limit = "can scale to" if view.autoscaling else "has"
         raise ConfigError(
             f"{'--use-gpu' if key == 'GPU' else flag}: {what} need {_fmt(need)}; the Ray "
-            f"cluster {limit} {_fmt({k: ceiling.get(k, 0.0) for k in need})}")
+            f"cluster {limit} {_fmt({k: ceiling.get(k, 0.0) for k in need})}"
+            + ("" if view.autoscaling else " (if it adds nodes on demand, pass "
+               "--autoscaling-cluster to wait for them)"))
     return "wait"
 
 

@@ -45,6 +45,9 @@ class JobSpec:
     # SPREAD (one per node where possible: a lost node takes fewer workers with it),
     # STRICT_PACK / STRICT_SPREAD (or fail to place).
     placement: str = "PACK"
+    # The cluster adds nodes on demand although its autoscaler publishes no limits (Ray's
+    # v1 autoscaler): wait for resources instead of refusing (wsdan.cluster).
+    autoscaling: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -121,7 +124,7 @@ def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1, cfg: TrainConfig |
     """
     from wsdan.cluster import check_node_local, describe_cluster, wait_for_resources
 
-    view = view or describe_cluster()
+    view = view or describe_cluster(autoscaling=spec.autoscaling)
     check_node_local(view, shared_fs=spec.shared_fs, storage_path=spec.storage_path,
                      weights=cfg.model.weights if cfg else None,
                      data_source=cfg.data.source if cfg else None, tracking_uri=tracking_uri)
@@ -130,7 +133,8 @@ def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1, cfg: TrainConfig |
     wait_for_resources(bundles * concurrent_jobs, timeout_s=spec.resource_timeout_s,
                        what=f"{concurrent_jobs} job(s) of {spec.num_workers} worker(s) "
                             f"({_fmt_bundle(spec.worker_resources())} per worker, "
-                            f"{data:g} CPU for Ray Data)", view=view)
+                            f"{data:g} CPU for Ray Data)", view=view,
+                       describe=lambda: describe_cluster(autoscaling=spec.autoscaling))
 
 
 def _fmt_bundle(res: Mapping[str, float]) -> str:
