@@ -10,19 +10,11 @@ the head. None of the nodes knows S3 or MLflow: jobs bring them in their runtime
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-
-def in_private_netns() -> bool:
-    """True when loopback is the only network interface of this process's namespace."""
-    return [name for _, name in socket.if_nameindex()] == ["lo"]
+from tests.multinode.cluster import Cluster, in_private_netns, local_cluster
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,54 +28,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@dataclass
-class Cluster:
-    head: object  # wsdan.services.ray_head.RayHead
-    workers: list  # RayWorker, one per worker node
-
-    @property
-    def dashboard_url(self) -> str:
-        return self.head.config.dashboard_url
-
-    @property
-    def address(self) -> str:
-        return self.head.config.address
-
-
 @pytest.fixture(scope="module")
 def multinode_cluster() -> Iterator[Cluster]:
-    from wsdan.services import find_free_ports
-    from wsdan.services.ray_head import (
-        RayHead,
-        RayHeadConfig,
-        RayWorker,
-        RayWorkerConfig,
-        without_job_settings,
-    )
-
     if not in_private_netns():
         pytest.skip("needs a private network namespace (tests/multinode/netns.sh)")
-    root = Path(tempfile.mkdtemp(prefix="wsdan-mn-", dir="/tmp"))
-    gcs, dash, client, agent, metrics, *ports = find_free_ports(9)
-    head = RayHead(RayHeadConfig(temp_dir=root / "head", port=gcs, dashboard_port=dash,
-                                 num_cpus=0, client_server_port=client,
-                                 dashboard_agent_listen_port=agent,
-                                 metrics_export_port=metrics, multi_node=True))
-    env = without_job_settings()
-    head.start(environ=env)
-    workers = []
-    try:
-        for i in range(2):
-            w = RayWorker(RayWorkerConfig(
-                head=head.config, name=f"w{i + 1}", temp_dir=root / f"w{i + 1}", num_cpus=3,
-                dashboard_agent_listen_port=ports[2 * i],
-                metrics_export_port=ports[2 * i + 1],
-                min_worker_port=22000 + 200 * i, max_worker_port=22199 + 200 * i))
-            w.start(environ=env)
-            workers.append(w)
-        yield Cluster(head=head, workers=workers)
-    finally:
-        for w in workers:
-            w.stop()
-        head.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with local_cluster(workers=2, cpus_per_worker=3, head_cpus=0) as cluster:
+        yield cluster
