@@ -321,6 +321,7 @@ def _gpu_node() -> dict[str, float]:
 def test_raycluster_cpu_head_and_autoscaling_gpu_workers():
     spec = _one("RayCluster")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["version"] == "v2"  # publishes the groups' limits
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_res = head["template"]["spec"]["containers"][0]["resources"]
@@ -387,6 +388,7 @@ def test_train_rayjob_runs_the_real_job_with_a_valid_config():
     assert cfg.data.source.startswith("s3://")
     assert cfg.model.weights and cfg.model.weights.startswith("s3://")
     assert args.use_gpu and args.register_as == "cub-wsdan"
+    assert args.autoscaling_cluster  # the GPU group starts at zero nodes: wait, don't fail
     # The GPU group can hold the job's workers (one GPU each) at once.
     assert args.num_workers <= _gpu_group()["maxReplicas"] * _gpu_node()["GPU"]
 
@@ -401,7 +403,7 @@ def test_sweep_rayjob_runs_the_real_sweep_with_a_valid_config():
     config = _in_repo(args.config)
     assert config == REPO / "tuning/configs/cub_gpu.yaml" and config.is_file()
     sweep = load_sweep(config, args.overrides)  # ConfigError on anything invalid
-    assert args.storage_path.startswith("s3://")
+    assert args.storage_path.startswith("s3://") and args.autoscaling_cluster
     assert sweep.train.data.source.startswith("s3://")
     assert sweep.train.model.weights.startswith("s3://")
     assert sweep.train.model.num_classes == 200
