@@ -2,7 +2,7 @@
 
 Shape of the stream (system.md)::
 
-    read_parquet(shard files, per-epoch file shuffle)           one Ray task per shard file,
+    ShardDatasource(row groups, per-epoch order)                one Ray task per row group,
       └─ map_batches(decode_blocks: decode + resize)            fused into that task: the
            │  image uint8 N×3×R×R, label, boxes, image_id       encoded bytes never enter
            ▼                                                    the object store
@@ -24,29 +24,39 @@ Design decisions, measured on the two-core development machine (jobs/bench_inges
   process ``permute(...).contiguous()`` cost ~0.5 ms per 512 px image, serially. uint8, not
   float: four times fewer bytes, and ``train_transform`` converts on the trainer's side.
   The consumer wraps the arrays without copying (see ``_tensor``).
-- *Tasks, blocks, batch size.* Ray 2.60 fuses the decode into the read task only when
-  the read is not split (``override_num_blocks`` = number of files) and the map takes
-  whole blocks (``batch_size=None``); ``decode_blocks`` then slices each block into
+- *Tasks, blocks, batch size.* The read unit is a Parquet row group (`ShardDatasource`,
+  ``wsdan data prepare`` writes 128 rows per group and lists them in the manifest): one
+  read task per row group, so a split in three files is still decoded by every CPU the
+  cluster lends (Ray's Parquet reader V1 makes at most one task per file, and asked for
+  more it splits the task's *output*, which is then not fused with the decode; V2
+  bin-packs row groups into 128 MiB tasks and starts slowly, see `_read_context`). Ray
+  2.60 fuses the decode into the read task when the read is not split
+  (``override_num_blocks`` = number of read units) and the map takes whole blocks
+  (``batch_size=None``); ``decode_blocks`` then slices each block into
   ``DECODE_BATCH_SIZE = 32`` images and yields each batch as its own output block
   (``target_max_block_size`` set to one batch: ~25 MB at 512 px), so the stream moves in
   steps of 32 images instead of whole 128 MB blocks. Parallelism: one task per free CPU
-  (``num_cpus=1``: PIL decoding is single-threaded) up to the number of shard files; the
-  CPUs Ray Train reserves for its workers are not used. ``concurrency`` caps it. Ray's
-  new default Parquet reader (V2) is switched off for these reads: see `_read_context`.
-- *Shuffling.* Per epoch, the order of the shard files is reshuffled
-  (``FileShuffleConfig(seed, reseed_after_execution=True)``: each execution, i.e. each
-  epoch, hashes ``(seed, execution index)`` into a new permutation), and rows are mixed
-  across files in a local shuffle buffer at iteration (``iter_torch(shuffle_buffer=...)``;
-  it holds *decoded* images, ~0.8 MB each at 512 px, so 256 images ≈ 200 MB per worker).
-  A global row shuffle is not used: it would materialise the decoded data set. The
-  shuffle quality thus depends on having many shard files (``wsdan data prepare`` writes
-  64-256 MB shards: 1-5 k images each). With ``shuffle=False`` the order is deterministic
-  (files in manifest order, ``preserve_order``).
+  (``num_cpus=1``: PIL decoding is single-threaded) up to the number of row groups; the
+  CPUs Ray Train reserves for its workers are not used. ``concurrency`` caps it.
+- *Shuffling.* The shards hold each split in a seeded random order (``wsdan data
+  prepare``), so any run of consecutive rows is a uniform sample of the split. Per
+  epoch, the row groups are read in a new permutation seeded by ``(seed, epoch)``: the
+  epoch is the one the consumer announces (``iter_torch(..., epoch=k)``, see
+  `EpochClock`), so a job resumed at epoch k reads epoch k's order, not epoch 0's (Ray's
+  ``FileShuffleConfig(reseed_after_execution=True)`` counts executions, and that count
+  starts again at 0 in every new ``streaming_split`` coordinator). Rows are then mixed in
+  a local shuffle buffer at iteration (``iter_torch(shuffle_buffer=...)``, seeded from
+  ``(seed, epoch)`` too; it holds *decoded* images, ~0.8 MB each at 512 px, so 256 images
+  ≈ 200 MB per worker). A global row shuffle is not used: it would materialise the
+  decoded data set. ``preserve_order`` is on, so the stream follows the planned order
+  and an epoch's sequence (for one consumer) is a function of the seeds and the epoch.
+  With ``shuffle=False`` the order is the manifest's.
 - *Corrupt images* are dropped in the decode task, logged, and reported to one named
   actor (:class:`SkipLog`), which keeps the distinct image ids per (source, split):
   :func:`skipped_images` gives the count a training job logs as ``skipped_images``. The
   actor is only called when an image fails, so healthy data costs nothing.
-- *Transient S3 errors* (throttling, 5xx, connection resets) are retried by Ray Data: the
+- *Transient S3 errors* (throttling, 5xx, connection resets) are retried, per row group by
+  `ShardDatasource` and per file by Ray Data for class folders: the
   messages in :data:`TRANSIENT_S3_ERRORS` are added to ``retried_io_errors`` of the
   DataContext the dataset is created with (a private copy of the current one: a dataset
   keeps its creation context, so the caller's global context is not modified).
@@ -63,24 +73,36 @@ job's ``runtime_env``). The driver's check in :func:`read_manifest` uses the dri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import posixpath
+import random
+import time
+import uuid
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
-import torch
 from ray.data import DataContext, FileShuffleConfig
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from wsdan import storage
 from wsdan.config import DataConfig
 from wsdan.data.decode import decode_blocks, decode_image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DECODE_BATCH_SIZE",
@@ -88,7 +110,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSIENT_S3_ERRORS",
     "DataSourceError",
+    "EpochClock",
+    "EpochShuffle",
+    "ShardDatasource",
     "SkipLog",
+    "announce_epoch",
     "build_dataset",
     "build_folder_dataset",
     "decode_image",
@@ -103,6 +129,9 @@ FORMAT_VERSION = 1
 DECODE_BATCH_SIZE = 32  # images per decode call: ~25 MB blocks at 512 px (see above)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp")
 SKIP_LOG_NAME = "wsdan-skipped-images"
+EPOCH_CLOCK_NAME = "wsdan-epoch-clock"
+EPOCH_KEY_CONFIG = "wsdan.epoch_key"  # DataContext config: the dataset's key in the clock
+MAX_READ_TASKS = 2000  # row groups per read task grow beyond this (Ray warns at 5000 tasks)
 
 # Substrings of pyarrow/AWS SDK error messages worth retrying. Ray's defaults cover
 # INTERNAL_FAILURE, NETWORK_CONNECTION, SLOW_DOWN, SERVICE_UNAVAILABLE and HTTP 503; S3
@@ -251,6 +280,183 @@ def skipped_images(root_uri: str, split: str) -> int:
     return int(skip_report(root_uri, split).get(_source_key(root_uri, split), {}).get("images", 0))
 
 
+# -- per-epoch order -----------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class EpochClock:
+    """The epoch that the consumers of each shuffled dataset announced last, by dataset key.
+
+    Ray plans a dataset's read tasks anew at every execution (every epoch), in the process
+    that executes it: the driver, or the ``streaming_split`` coordinator actor behind Ray
+    Train's dataset shards. Ray's own ``FileShuffleConfig(reseed_after_execution=True)``
+    seeds that plan with the number of executions so far, which starts again at 0 in a new
+    coordinator, i.e. after a job or its worker group resumes from a checkpoint. So the
+    consumer announces the epoch it is about to read (:func:`iter_torch` with ``epoch``,
+    before it asks for the first batch) and the plan reads it from here (`EpochShuffle`).
+
+    One detached actor per cluster (namespace ``wsdan``, no CPU), keyed by a random id per
+    dataset: it must outlive whichever process created it (a Tune trial stopped early,
+    while other trials train). Should it be lost with its node, it restarts empty, and
+    the next epoch's announcement fills it again.
+    """
+
+    def __init__(self) -> None:
+        self._epochs: dict[str, int] = {}
+
+    def announce(self, key: str, epoch: int) -> None:
+        self._epochs[key] = epoch
+
+    def epoch(self, key: str) -> int | None:
+        return self._epochs.get(key)
+
+
+def _epoch_clock() -> Any:
+    return EpochClock.options(name=EPOCH_CLOCK_NAME, namespace="wsdan", lifetime="detached",
+                              get_if_exists=True).remote()
+
+
+def _dataset_context(data: ray.data.Dataset | ray.data.DataIterator) -> DataContext | None:
+    if isinstance(data, ray.data.Dataset):
+        return data.context
+    return data.get_context()  # a shard: one call to its coordinator
+
+
+def announce_epoch(data: ray.data.Dataset | ray.data.DataIterator, epoch: int) -> None:
+    """Tell a shuffled dataset (built by :func:`build_dataset` / :func:`build_folder_dataset`)
+    which epoch its next execution is, before iterating it: its read order is then a
+    function of ``(seed, epoch)`` alone. Every consumer of a split (every Train worker)
+    announces the same epoch; a dataset that was not shuffled ignores it."""
+    ctx = _dataset_context(data)
+    key = ctx.get_config(EPOCH_KEY_CONFIG) if ctx is not None else None
+    if key is not None:
+        ray.get(_epoch_clock().announce.remote(key, int(epoch)))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([0xF11E, seed % 2**64, epoch]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class EpochShuffle(FileShuffleConfig):
+    """A `FileShuffleConfig` whose seed is a function of ``(seed, epoch)``: the epoch that
+    the dataset's consumers announced (`announce_epoch`), or, when none did, the number
+    of earlier executions (Ray's ``reseed_after_execution`` behaviour)."""
+
+    key: str = ""
+
+    def get_seed(self, execution_idx: int = 0) -> int:
+        epoch = ray.get(_epoch_clock().epoch.remote(self.key)) if self.key else None
+        return _epoch_seed(int(self.seed or 0), execution_idx if epoch is None else epoch)
+
+
+# -- shard reading -------------------------------------------------------------------------
+
+
+class RowGroup(NamedTuple):
+    """The read unit: one row group of one shard file."""
+
+    path: str
+    index: int
+    rows: int
+
+
+def _row_groups(fs: pafs.FileSystem, paths: list[str], manifest: dict[str, Any], split: str,
+                root_uri: str) -> list[RowGroup]:
+    """Row groups of the split's shards, from the manifest (``wsdan data prepare`` lists
+    them), else from the files' footers (read in parallel)."""
+    listed = manifest.get("row_groups", {}).get(split)
+    if isinstance(listed, list) and len(listed) == len(paths):
+        sizes = listed
+    else:
+        def footer(path: str) -> list[int]:
+            try:
+                md = pq.read_metadata(path, filesystem=fs)
+            except (OSError, ValueError) as e:
+                raise DataSourceError(_scrub(f"cannot read the footer of {path} in "
+                                             f"{_where(root_uri)}: {e}")) from None
+            return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+        with ThreadPoolExecutor(max_workers=min(32, len(paths))) as pool:
+            sizes = list(pool.map(footer, paths))
+    return [RowGroup(path, i, int(rows)) for path, groups in zip(paths, sizes)
+            for i, rows in enumerate(groups) if rows > 0]
+
+
+def _with_retries(fn: Callable[[], Any], retried: tuple[str, ...], attempts: int = 8) -> Any:
+    """``fn()``, again after a backoff (0.5 s doubling to 16 s, jittered) when it raises an
+    OSError whose message contains one of ``retried``."""
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt + 1 == attempts or not any(m in str(e) for m in retried):
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(2 * delay, 16.0)
+    raise AssertionError("unreachable")
+
+
+def _read_row_group(fs: pafs.FileSystem, unit: RowGroup, columns: list[str]) -> pa.Table:
+    with fs.open_input_file(unit.path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)  # one ranged request for the columns
+        names = set(pf.schema_arrow.names)
+        return pf.read_row_group(unit.index, columns=[c for c in columns if c in names])
+
+
+def _read_units(fs: pafs.FileSystem, units: list[RowGroup], columns: list[str],
+                retried: tuple[str, ...]) -> Iterator[pa.Table]:
+    for unit in units:
+        yield _with_retries(functools.partial(_read_row_group, fs, unit, columns), retried)
+
+
+class ShardDatasource(Datasource):
+    """The row groups of a split's Parquet shards, one read task per row group (at most
+    `MAX_READ_TASKS`), so the read and the decode fused into it spread over every CPU
+    the cluster lends, however few files the split has. With ``shuffle``, the row
+    groups are read in a permutation drawn at each execution from ``shuffle.get_seed``."""
+
+    def __init__(self, fs: pafs.FileSystem, units: list[RowGroup], columns: list[str],
+                 shuffle: EpochShuffle | None = None) -> None:
+        super().__init__()
+        self._fs, self._units, self._columns, self._shuffle = fs, units, columns, shuffle
+
+    def get_name(self) -> str:
+        return "Shards"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def order(self, data_context: DataContext | None) -> list[int]:
+        """The read order of the units for an execution planned with ``data_context``."""
+        n = len(self._units)
+        if self._shuffle is None or data_context is None:  # None: Ray only counts tasks
+            return list(range(n))
+        # What Ray's own file shuffle reads for the execution count (used when no
+        # consumer announced an epoch).
+        execution_idx = getattr(data_context, "_execution_idx", 0)
+        rng = np.random.default_rng(self._shuffle.get_seed(execution_idx))
+        return rng.permutation(n).tolist()
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: DataContext | None = None) -> list[ReadTask]:
+        order = self.order(data_context)
+        n_tasks = min(len(order), parallelism if parallelism > 0 else MAX_READ_TASKS)
+        retried = tuple(data_context.retried_io_errors if data_context is not None
+                        else TRANSIENT_S3_ERRORS)
+        tasks = []
+        for group in np.array_split(np.asarray(order, dtype=np.int64), max(n_tasks, 1)):
+            units = [self._units[i] for i in group.tolist()]
+            if not units:
+                continue
+            meta = BlockMetadata(num_rows=sum(u.rows for u in units), size_bytes=None,
+                                 input_files=sorted({u.path for u in units}), exec_stats=None)
+            read = functools.partial(_read_units, self._fs, units, self._columns, retried)
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
 # -- decode step (runs in Ray tasks) -------------------------------------------------------
 
 
@@ -261,28 +467,37 @@ def _retry_transient_errors(ctx: DataContext) -> None:
 
 
 @contextlib.contextmanager
-def _read_context(size: int, shuffle: bool) -> Iterator[DataContext]:
+def _read_context(size: int, seed: int | None) -> Iterator[tuple[DataContext, EpochShuffle | None]]:
     """A private copy of the current DataContext, current while the dataset is created
-    (a dataset keeps the context it was created with; the caller's is left untouched).
+    (a dataset keeps the context it was created with; the caller's is left untouched),
+    and, with a ``seed``, the dataset's `EpochShuffle` (its key is in the context).
 
     - ``use_datasource_v2 = False``: Ray 2.60's default V2 Parquet reader lists the files
       in a task that starts a footer-reader actor pool, and bin-packs row groups into
       128 MiB read tasks: a 120 MB split became one read task, i.e. one core, and cost
-      2-7 s before the first row against 0.3-0.5 s for V1 on the same shards. The
-      manifest already names every file, so V1's driver-side planning is all we need.
+      2-7 s before the first row. (Shards are read by `ShardDatasource` now; this keeps
+      any other Parquet read of the context on V1.)
     - ``target_max_block_size``: a task hands its output over in blocks of up to this
       size (128 MB by default, ~160 decoded 512 px images): the first batch waited for
       whole tasks. One block per decode batch streams.
-    - ``preserve_order`` without shuffling: a deterministic order; with shuffling, fast
-      tasks may overtake slow ones.
+    - ``preserve_order``, shuffled or not: the stream is the planned order of read units,
+      whichever task finishes first, so an epoch's order is a function of the plan (and
+      so of ``(seed, epoch)``). Tasks still run in parallel; a finished one waits for its
+      predecessors (measured in jobs/bench_ingest.py: no loss at equal-sized row groups).
+      Ray Train's DataConfig replaces the execution options with the driver's.
     """
     ctx = DataContext.get_current().copy()
     ctx.use_datasource_v2 = False
     ctx.target_max_block_size = max(DECODE_BATCH_SIZE * 3 * size * size, 1 << 20)
-    ctx.execution_options.preserve_order = not shuffle
+    ctx.execution_options.preserve_order = True
     _retry_transient_errors(ctx)
+    order = None
+    if seed is not None:
+        order = EpochShuffle(seed=int(seed), key=uuid.uuid4().hex)
+        ctx.set_config(EPOCH_KEY_CONFIG, order.key)
+        _epoch_clock()  # started now rather than at the first epoch
     with DataContext.current(ctx):
-        yield ctx
+        yield ctx, order
 
 
 def _decoded(ds: ray.data.Dataset, *, size: int, source: str,
@@ -316,29 +531,28 @@ def build_dataset(
 
     Columns: ``image`` uint8 N×3×R×R (R = ``cfg.resize_size``), ``label`` int64,
     ``object_box`` / ``part_box`` float32 N×4 in the resized image's pixels (NaN when
-    unknown), ``image_id`` str. ``shuffle`` (default: ``train``) reshuffles the shard files
-    each epoch from ``seed``; without it the order is the manifest's. Augmentation is the
-    consumer's (``train`` only picks the shuffle default). ``concurrency`` caps the read +
-    decode tasks (default: as many as there are free CPUs and shard files). The manifest
+    unknown), ``image_id`` str. ``shuffle`` (default: ``train``) reads the row groups in a
+    new order each epoch, a function of ``(seed, epoch)`` when the consumer passes the
+    epoch to :func:`iter_torch` (see `EpochClock`); without it the order is the manifest's
+    (files, then row groups, then rows). Augmentation is the consumer's (``train`` only
+    picks the shuffle default). One read + decode task per row group (`ShardDatasource`):
+    as many run at once as there are free CPUs, capped by ``concurrency``. The manifest
     is read first, so a wrong URI, endpoint or credentials raise :class:`DataSourceError`.
     """
     shuffle = train if shuffle is None else shuffle
     manifest = read_manifest(root_uri)
     fs, paths = _shard_paths(root_uri, manifest, split)
-    if not paths:
+    units = _row_groups(fs, paths, manifest, split, root_uri) if paths else []
+    if not units:
         raise DataSourceError(f"split {split!r} of {_where(root_uri)} has no shards")
-    with _read_context(cfg.resize_size, shuffle):
-        ds = ray.data.read_parquet(
-            paths,
-            filesystem=fs,
-            columns=_SHARD_COLUMNS,  # the other columns are not read at all
-            shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
-            partitioning=None,  # shard paths are not hive-partitioned: no extra columns
+    with _read_context(cfg.resize_size, seed if shuffle else None) as (_, order):
+        ds = ray.data.read_datasource(
+            ShardDatasource(fs, units, _SHARD_COLUMNS, order),  # only these columns are read
             concurrency=concurrency,
-            # One read task per shard file. Left to itself, Ray aims at >= 200 blocks and
-            # splits each file's output to get there; a split read is not fused with the
-            # decode, so the encoded bytes made a round trip through the object store.
-            override_num_blocks=len(paths),
+            # One task per row group: Ray then neither groups nor splits the reads (a split
+            # read is not fused with the decode, and the encoded bytes would make a round
+            # trip through the object store).
+            override_num_blocks=min(len(units), MAX_READ_TASKS),
         )
         return _decoded(ds, size=cfg.resize_size, source=_source_key(root_uri, split))
 
@@ -408,12 +622,12 @@ def build_folder_dataset(
                                                  test_fraction=test_fraction) == split]
     if not paths:
         raise DataSourceError(f"split {split!r} of {_where(uri)} is empty")
-    with _read_context(cfg.resize_size, shuffle):
+    with _read_context(cfg.resize_size, seed if shuffle else None) as (_, order):
         ds = ray.data.read_binary_files(
             paths,
             filesystem=fs,
             include_paths=True,
-            shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
+            shuffle=order,  # an EpochShuffle: per epoch, a function of (seed, epoch)
             concurrency=concurrency,
             # One read task per DECODE_BATCH_SIZE files: unsplit, so fused with the decode.
             override_num_blocks=-(-len(paths) // DECODE_BATCH_SIZE),
@@ -437,6 +651,8 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        import torch
+
         return torch.from_numpy(a)
 
 
@@ -446,7 +662,7 @@ def iter_torch(
     *,
     shuffle_buffer: int | None = None,
     seed: int | None = None,
-    epoch: int = 0,
+    epoch: int | None = None,
     drop_last: bool = False,
     prefetch_batches: int = 2,
     with_ids: bool = False,
@@ -455,15 +671,21 @@ def iter_torch(
     ``object_box`` / ``part_box`` float32 B×4 (and ``image_id``, a list of str, with
     ``with_ids``). ``data`` is a dataset or a shard (``ray.train.get_dataset_shard``).
     The tensors may share read-only memory with Ray's object store: do not modify them
-    in place (move or convert them, which copies).
+    in place (move or convert them, which copies). Call once per epoch.
 
-    ``shuffle_buffer`` images are mixed locally (in decoded form, so mind the memory);
-    its seed is derived from ``(seed, epoch)`` so each epoch mixes differently.
-    Call once per epoch.
+    ``epoch``: announced to a shuffled dataset (`announce_epoch`) before the first batch
+    is asked for, so its read order is that of ``(its seed, epoch)``, however often it
+    ran before in this process (a job resumed at epoch k reads epoch k's order).
+    ``shuffle_buffer`` images are mixed locally (in decoded form, so mind the memory),
+    seeded from ``(seed, epoch)``. Both together make the epoch's sequence of images a
+    function of the seeds and the epoch for a single consumer; the consumers of a
+    ``streaming_split`` share out the blocks in the order they ask for them.
     """
+    if epoch is not None:
+        announce_epoch(data, epoch)
     local_seed = None
     if shuffle_buffer and seed is not None:
-        local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        local_seed = int(np.random.SeedSequence([seed, epoch or 0]).generate_state(1)[0])
     batches: Iterable[dict[str, np.ndarray]] = data.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
