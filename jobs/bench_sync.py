@@ -119,11 +119,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run_on_ray(args: argparse.Namespace) -> dict:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    from wsdan.cluster import connect
+
+    connect()
     config = {k: v for k, v in vars(args).items()}
     trainer = TorchTrainer(
         _ray_worker, train_loop_config=config,

@@ -73,6 +73,9 @@ def main(args: argparse.Namespace) -> dict:
     check_data(cfg, {**manifest, "counts": {"train": 1, "val": 1}})  # class count only
     if not manifest["counts"].get(args.split):
         raise SystemExit(f"{args.data} has no {args.split!r} images")
+    from wsdan.cluster import connect
+
+    connect()
     ds = build_dataset(args.data, args.split, cfg=cfg.data, train=False, shuffle=False)
     metrics = evaluate(model, iter_torch(ds, args.batch_size), cfg=cfg)
     print(f"{args.split} ({int(metrics['n'])} images): fused {metrics['fused_top1']:.4f}  "

@@ -60,15 +60,15 @@ def main(args: argparse.Namespace) -> dict:
     manifest, resumed = preflight(cfg, spec)
 
     import mlflow
-    import ray
 
+    from wsdan.cluster import connect
     from wsdan.launcher import check_cluster, log_final_figures, record_job, run_job
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. The cluster: no node-local paths on several nodes, room for the workers.
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    connect()
     check_cluster(spec, cfg=cfg, tracking_uri=tracking_uri)
 
     # 3. One MLflow run per job, created here (never by the workers); a resumed job

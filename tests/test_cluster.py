@@ -121,3 +121,18 @@ def test_an_autoscaler_without_published_limits_is_waited_for_not_refused():
     with pytest.raises(ConfigError, match="autoscaling"):
         check_node_local(v1, storage_path="runs", weights=None, data_source=None,
                          tracking_uri="http://m")
+
+
+def test_a_driver_forwards_where_s3_and_its_keys_are_never_the_keys():
+    from wsdan.cluster import driver_runtime_env
+
+    env = {"AWS_ENDPOINT_URL": "http://s3:8333", "AWS_PROFILE": "p",
+           "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/creds", "AWS_ACCESS_KEY_ID": "AKIAX",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "tok",
+           "MLFLOW_TRACKING_URI": "http://u:pw@mlflow", "HOME": "/root"}
+    assert driver_runtime_env(env) == {"env_vars": {
+        "AWS_ENDPOINT_URL": "http://s3:8333", "AWS_PROFILE": "p",
+        "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/creds"}}
+    assert driver_runtime_env({"HOME": "/root"}) is None
+    # A submitted job's driver adds nothing: its runtime_env already reaches the workers.
+    assert driver_runtime_env({**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}) is None

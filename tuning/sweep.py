@@ -115,9 +115,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_data(sweep.train, manifest)
 
     import mlflow
-    import ray
 
     from tuning.trial import TrialSetup
+    from wsdan.cluster import connect
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. Cluster and tracking.
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(min(5.0, args.sync_period)))
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    connect()
     concurrent = _check_cluster(sweep, args, tracking_uri)
     _check_state_api()
     root = _root(args.storage_path)

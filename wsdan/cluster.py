@@ -30,6 +30,37 @@ from wsdan.config import ConfigError
 
 Resources = Mapping[str, float]
 
+# What a driver passes on to its workers when it connects to a cluster itself (not when it
+# runs as a submitted job, whose runtime_env already carries what it needs): where S3 is,
+# and *where* the credentials are (a profile, a credentials file on the nodes); never key
+# values, which on a cluster come from the nodes' own role or a mounted Secret.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+
+
+def driver_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The runtime_env for ``ray.init`` from a driver: :data:`FORWARDED_ENV` from its
+    environment. None inside a submitted job (Ray refuses env keys that the job's own
+    runtime_env also sets, and the job's already reach every worker)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in env:  # set by Ray's job manager for a job's driver
+        return None
+    forwarded = {k: env[k] for k in FORWARDED_ENV if env.get(k)}
+    return {"env_vars": forwarded} if forwarded else None
+
+
+def connect() -> None:
+    """``ray.init`` for the project's entry points: the cluster at ``RAY_ADDRESS`` (or a
+    new local one), with :func:`driver_runtime_env`."""
+    import os
+
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
+             runtime_env=driver_runtime_env())
+
 
 @dataclass(frozen=True)
 class ClusterView:

@@ -97,15 +97,11 @@ def mlflow_server(paths: StackPaths, s3: S3Server):
 
 
 def client_env(paths: StackPaths) -> dict[str, str]:
-    """What a client (job, notebook, `ray job submit`) needs to use the stack."""
-    s3 = s3_server(paths)
-    key, secret = credentials(paths)
+    """What a client (a driver, a notebook, `ray job submit`) needs to use the stack. The S3
+    keys by reference (the stack's 0600 credentials file and its profile), so that a driver
+    can pass them on to the workers without ever handling a key value."""
     return {
-        "AWS_ENDPOINT_URL": s3.endpoint,
-        "AWS_ACCESS_KEY_ID": key,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_port('MLFLOW', 5000)}",
+        **job_runtime_env(paths)["env_vars"],  # S3 endpoint, key reference, MLflow URI
         "RAY_ADDRESS": ray_head(paths).config.address,  # ray.init(); GCS host:port
         "RAY_DASHBOARD_URL": ray_head(paths).config.dashboard_url,  # ray job submit --address
         "RAY_AUTH_MODE": "disabled",
