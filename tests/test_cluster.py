@@ -134,5 +134,14 @@ def test_a_driver_forwards_where_s3_and_its_keys_are_never_the_keys():
         "AWS_ENDPOINT_URL": "http://s3:8333", "AWS_PROFILE": "p",
         "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/creds"}}
     assert driver_runtime_env({"HOME": "/root"}) is None
-    # A submitted job's driver adds nothing: its runtime_env already reaches the workers.
-    assert driver_runtime_env({**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}) is None
+    # The cluster's address travels too (Train's placement-group cleaner needs it when
+    # several Rays share a machine), but "auto" is no address.
+    assert driver_runtime_env({"RAY_ADDRESS": "10.0.0.1:6379"}) == {
+        "env_vars": {"RAY_ADDRESS": "10.0.0.1:6379"}}
+    assert driver_runtime_env({"RAY_ADDRESS": "auto"}) is None
+    # A submitted job's driver adds only the address, and not when its job sets it.
+    job = {**env, "RAY_ADDRESS": "127.0.0.1:6380",
+           "RAY_JOB_CONFIG_JSON_ENV_VAR": '{"runtime_env": {"env_vars": {"AWS_PROFILE": "p"}}}'}
+    assert driver_runtime_env(job) == {"env_vars": {"RAY_ADDRESS": "127.0.0.1:6380"}}
+    job["RAY_JOB_CONFIG_JSON_ENV_VAR"] = '{"runtime_env": {"env_vars": {"RAY_ADDRESS": "x"}}}'
+    assert driver_runtime_env(job) is None

@@ -40,14 +40,25 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
 
 def driver_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The runtime_env for ``ray.init`` from a driver: :data:`FORWARDED_ENV` from its
-    environment. None inside a submitted job (Ray refuses env keys that the job's own
-    runtime_env also sets, and the job's already reach every worker)."""
+    environment, and the cluster's address (``RAY_ADDRESS``), which Ray Train's
+    placement-group cleaner needs when several Ray instances share a machine. Inside a
+    submitted job only the address, unless the job's runtime_env sets it (Ray refuses env
+    keys that both set; the job's own settings already reach every worker)."""
+    import json
     import os
 
     env = os.environ if environ is None else environ
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in env:  # set by Ray's job manager for a job's driver
-        return None
-    forwarded = {k: env[k] for k in FORWARDED_ENV if env.get(k)}
+    address = env.get("RAY_ADDRESS", "")
+    address = {"RAY_ADDRESS": address} if address and address != "auto" else {}
+    job_config = env.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray for a job's driver
+    if job_config is not None:
+        try:
+            job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+        forwarded = {} if "RAY_ADDRESS" in job_env else address
+    else:
+        forwarded = {**{k: env[k] for k in FORWARDED_ENV if env.get(k)}, **address}
     return {"env_vars": forwarded} if forwarded else None
 
 
