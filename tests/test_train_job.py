@@ -163,7 +163,7 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     proc = subprocess.Popen([sys.executable, *_job_argv("job-kill", prepared, "optim.epochs=3")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # the first checkpoint: ~1 min idle, far more loaded
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         if any("checkpoint_" in k and k.endswith(".pt") for k in
                _objects(s3_server, "runs/job-kill/")):

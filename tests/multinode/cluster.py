@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give a command after --")
+    # SIGTERM (timeout, kill) unwinds through local_cluster's cleanup like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with local_cluster(args.workers, args.cpus_per_worker) as cluster:
         from wsdan.services.ray_head import ray_env
 
