@@ -2,21 +2,26 @@
 
 In one run, for each training size (448 px → decode to 512, 224 → 256):
   (a) Ray Data: Parquet shards in a SeaweedFS S3 server (started here, loopback, free
-      ports) → ``wsdan.data.pipeline.build_dataset`` → ``iter_torch`` in this process;
+      ports) → ``wsdan.data.pipeline.build_dataset`` → ``iter_torch`` in this process,
+      the images in many small shards (``--shard-images`` each);
+  (a') the same, the same images in ``--few-shards`` files (default 1: fewer files than
+      decode CPUs), which must not cap the decode parallelism;
   (b) ``torch.utils.data.DataLoader`` with the same number of worker processes and the
       same decode + resize (``wsdan.data.decode``), reading the same JPEGs from local disk;
   (c) the decode-only ceiling: decode + resize in one process, bytes already in memory.
-The consumer only receives batches (uint8 B×3×R×R, labels, boxes). Steady state counts
-from the end of batch ``--warmup-batches`` to the last batch; end to end counts from the
-start (dataset build and worker start-up included; the Ray cluster's own start is shown
-apart). Runs alternate (a)/(b) ``--repeats`` times; the ratio is the median of the paired
-(back-to-back) ratios, which resists the load of other processes on shared cores better
-than a ratio of bests. The target is ≥ 0.9 of the DataLoader in steady state.
+Shards are written by ``wsdan data prepare``'s writer (``wsdan.data.shards.encode_shard``,
+its row groups). The consumer only receives batches (uint8 B×3×R×R, labels, boxes). Steady
+state counts from the end of batch ``--warmup-batches`` to the last batch; end to end
+counts from the start (dataset build and worker start-up included; the Ray cluster's own
+start is shown apart). Runs alternate (b)/(a)/(a') ``--repeats`` times; a ratio is the
+median of the paired (back-to-back) ratios, which resists the load of other processes on
+shared cores better than a ratio of bests. Targets, in steady state: (a) ≥ 0.9 of (b),
+and (a') ≥ 0.9 of (a).
 
 Images: generated birds, upscaled to 500×375 (CUB's typical size) with per-image noise
 so that JPEG sizes (~60-90 KB at quality 90) and decode costs are photo-like.
 
-    python -m jobs.bench_ingest [--n-images 2000] [--sizes 448,224] [--workers 2]
+    python -m jobs.bench_ingest [--n-images 2000] [--sizes 448,224] [--workers 2] [--few-shards 1]
 
 Prints a table, and as its last line one JSON object.
 """
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -45,7 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="DataLoader workers = Ray CPUs (default: the machine's cores)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-images", type=int, default=256, help="images per Parquet shard")
+    p.add_argument("--shard-images", type=int, default=256,
+                   help="images per Parquet shard in the many-shard layout")
+    p.add_argument("--few-shards", type=int, default=1,
+                   help="shard files of the few-shard layout (fewer than --workers)")
     p.add_argument("--warmup-batches", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--source-size", default="500x375", help="WxH of the stored JPEGs")
@@ -74,31 +83,27 @@ def make_images(n: int, width: int, height: int) -> tuple[list[bytes], np.ndarra
 
 
 def write_shards(client, bucket: str, prefix: str, blobs, labels, boxes, width, height,
-                 per_shard: int) -> str:
-    """The ``wsdan data prepare`` layout: train/part-NNNNN.parquet + dataset.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+                 n_shards: int) -> str:
+    """The ``wsdan data prepare`` layout, written by its own writer (row groups included):
+    train/part-NNNNN.parquet (the images in ``n_shards`` equal files) + dataset.json."""
+    from wsdan.data.formats import ImageRecord
+    from wsdan.data.shards import ImageRow, encode_shard
 
-    rels = []
-    for k, start in enumerate(range(0, len(blobs), per_shard)):
-        sl = slice(start, start + per_shard)
-        n = len(blobs[sl])
-        table = pa.table({
-            "image": pa.array(blobs[sl], pa.binary()), "label": pa.array(labels[sl]),
-            "label_name": pa.array([f"c{x}" for x in labels[sl]]),
-            "split": pa.array(["train"] * n), "image_id": pa.array(
-                [f"{i:07d}" for i in range(start, start + n)]),
-            "bbox": pa.array(list(boxes[sl]), pa.list_(pa.float32())),
-            "part_bbox": pa.nulls(n, pa.list_(pa.float32())),
-            "width": pa.array([width] * n, pa.int32()), "height": pa.array([height] * n, pa.int32()),
-        })
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=64)
+    classes = [f"c{i}" for i in range(20)]
+    rels, row_groups = [], []
+    for k, idx in enumerate(np.array_split(np.arange(len(blobs)), n_shards)):
+        rows = [ImageRow(ImageRecord(f"{i:07d}", f"{i:07d}.jpg", int(labels[i]), "train",
+                                     tuple(float(v) for v in boxes[i])), blobs[i], width, height)
+                for i in idx]
+        data = encode_shard(rows, classes)
+        md = pq.ParquetFile(io.BytesIO(data)).metadata
+        row_groups.append([md.row_group(g).num_rows for g in range(md.num_row_groups)])
         rel = f"train/part-{k:05d}.parquet"
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=buf.getvalue())
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
         rels.append(rel)
-    manifest = {"format_version": 1, "classes": [f"c{i}" for i in range(20)], "num_classes": 20,
-                "counts": {"train": len(blobs)}, "shards": {"train": rels}, "skipped": []}
+    manifest = {"format_version": 1, "classes": classes, "num_classes": len(classes),
+                "counts": {"train": len(blobs)}, "shards": {"train": rels},
+                "row_groups": {"train": row_groups}, "skipped": []}
     client.put_object(Bucket=bucket, Key=f"{prefix}/dataset.json", Body=json.dumps(manifest))
     return f"s3://{bucket}/{prefix}"
 
@@ -168,8 +173,10 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{len(blobs)} JPEGs {width}x{height}, mean {np.mean([len(b) for b in blobs]) / 1e3:.0f}"
           f" KB, made in {time.perf_counter() - t:.0f} s", flush=True)
     runs: list[dict] = []
-    result: dict = {"ratio_vs_local_dataloader": {}, "ray_data_img_s": {},
+    result: dict = {"ratio_vs_local_dataloader": {}, "ratio_few_vs_many_shards": {},
+                    "ray_data_img_s": {}, "ray_data_few_shards_img_s": {},
                     "dataloader_img_s": {}, "decode_ceiling_img_s": {}}
+    many = max(1, -(-args.n_images // args.shard_images))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         files = []
         for i, data in enumerate(blobs):
@@ -181,46 +188,56 @@ def main(args: argparse.Namespace) -> dict:
         server.start()
         try:
             server.ensure_bucket("bench")
-            uri = write_shards(server.client(), "bench", "ingest", blobs, labels, boxes, width,
-                               height, args.shard_images)
+            uris = {n: write_shards(server.client(), "bench", f"ingest-{n}", blobs, labels,
+                                    boxes, width, height, n)
+                    for n in (many, args.few_shards)}
             os.environ.update(server.aws_env())  # before ray.init: the workers inherit it
             t = time.perf_counter()
             ray.init(num_cpus=args.workers, include_dashboard=False, _temp_dir=f"{tmp}/ray",
                      log_to_driver=False)
             ray_init_s = time.perf_counter() - t
             ray.data.DataContext.get_current().enable_progress_bars = False
+
+            def ray_run(size: int, cfg: DataConfig, rep: int, n_shards: int) -> dict:
+                t = time.perf_counter()
+                ds = build_dataset(uris[n_shards], "train", cfg=cfg, train=True, seed=rep)
+                build_s = time.perf_counter() - t
+                rd = {"size": size, "method": f"ray {n_shards} shards", "rep": rep,
+                      **timed(iter_torch(ds, args.batch_size), args.warmup_batches)}
+                rd["e2e"] = rd["images"] / (rd["images"] / rd["e2e"] + build_s)
+                return rd
+
             for size in sizes:
                 cfg = DataConfig(image_size=size, resize_size=round(size * 8 / 7))
                 r = cfg.resize_size
                 ceiling = decode_ceiling(blobs, r)
-                pairs = []
+                triples = []
                 for rep in range(args.repeats):
                     loader = torch.utils.data.DataLoader(
                         JpegFiles(files, labels, boxes, r), batch_size=args.batch_size,
                         num_workers=args.workers, shuffle=True)
                     dl = {"size": size, "method": "dataloader", "rep": rep,
                           **timed(iter(loader), args.warmup_batches)}
-                    t = time.perf_counter()
-                    ds = build_dataset(uri, "train", cfg=cfg, train=True, seed=rep)
-                    build_s = time.perf_counter() - t
-                    rd = {"size": size, "method": "ray", "rep": rep,
-                          **timed(iter_torch(ds, args.batch_size), args.warmup_batches)}
-                    rd["e2e"] = rd["images"] / (rd["images"] / rd["e2e"] + build_s)
-                    runs += [dl, rd]
-                    pairs.append((rd, dl))
+                    rd = ray_run(size, cfg, rep, many)
+                    few = ray_run(size, cfg, rep, args.few_shards)
+                    runs += [dl, rd, few]
+                    triples.append((rd, dl, few))
                 key_ = str(size)
                 # Paired ratios (each pair ran back to back) resist the load of other
                 # processes better than a ratio of two bests.
                 result["ratio_vs_local_dataloader"][key_] = round(statistics.median(
-                    rd["steady"] / dl["steady"] for rd, dl in pairs), 3)
-                for name, i in (("ray_data_img_s", 0), ("dataloader_img_s", 1)):
+                    rd["steady"] / dl["steady"] for rd, dl, _ in triples), 3)
+                result["ratio_few_vs_many_shards"][key_] = round(statistics.median(
+                    few["steady"] / rd["steady"] for rd, _, few in triples), 3)
+                for name, i in (("ray_data_img_s", 0), ("dataloader_img_s", 1),
+                                ("ray_data_few_shards_img_s", 2)):
                     result[name][key_] = {
-                        "steady": round(statistics.median(p[i]["steady"] for p in pairs), 1),
-                        "steady_best": round(max(p[i]["steady"] for p in pairs), 1),
-                        "e2e": round(statistics.median(p[i]["e2e"] for p in pairs), 1),
-                        "e2e_first_run": round(pairs[0][i]["e2e"], 1),
+                        "steady": round(statistics.median(p[i]["steady"] for p in triples), 1),
+                        "steady_best": round(max(p[i]["steady"] for p in triples), 1),
+                        "e2e": round(statistics.median(p[i]["e2e"] for p in triples), 1),
+                        "e2e_first_run": round(triples[0][i]["e2e"], 1),
                         "consumer_cpu_ms_per_img": round(statistics.median(
-                            p[i]["consumer_cpu_ms_per_img"] for p in pairs), 3)}
+                            p[i]["consumer_cpu_ms_per_img"] for p in triples), 3)}
                 result["decode_ceiling_img_s"][key_] = {
                     "one_process": round(ceiling, 1),
                     "all_workers_ideal": round(ceiling * args.workers, 1)}
@@ -229,24 +246,30 @@ def main(args: argparse.Namespace) -> dict:
             server.stop(timeout=0)
 
     print(f"\nRay start {ray_init_s:.1f} s (not in e2e); {args.workers} workers / Ray CPUs on "
-          f"{os.cpu_count()} cores; batch {args.batch_size}; {args.n_images} images\n")
-    print(f"{'size':>5} {'decode':>6} {'method':<10} {'rep':>3} {'steady img/s':>12} "
+          f"{os.cpu_count()} cores; batch {args.batch_size}; {args.n_images} images in "
+          f"{many} shards of <= {args.shard_images} or in {args.few_shards}\n")
+    print(f"{'size':>5} {'decode':>6} {'method':<15} {'rep':>3} {'steady img/s':>12} "
           f"{'e2e img/s':>9} {'1st batch s':>11} {'consumer CPU ms/img':>19}")
     for run in runs:
-        print(f"{run['size']:>5} {round(run['size'] * 8 / 7):>6} {run['method']:<10} "
+        print(f"{run['size']:>5} {round(run['size'] * 8 / 7):>6} {run['method']:<15} "
               f"{run['rep']:>3} {run['steady']:>12.1f} {run['e2e']:>9.1f} "
               f"{run['first_batch_s']:>11.2f} {run['consumer_cpu_ms_per_img']:>19.2f}")
     print()
     for size in sizes:
         k, c = str(size), result["decode_ceiling_img_s"][str(size)]
-        print(f"{size:>5}: median steady img/s Ray {result['ray_data_img_s'][k]['steady']:.0f}, "
-              f"DataLoader {result['dataloader_img_s'][k]['steady']:.0f}; median paired ratio "
-              f"{result['ratio_vs_local_dataloader'][k]:.2f} (target >= 0.9); decode ceiling "
+        print(f"{size:>5}: median steady img/s: Ray {many} shards "
+              f"{result['ray_data_img_s'][k]['steady']:.0f} | Ray {args.few_shards} shard(s) "
+              f"{result['ray_data_few_shards_img_s'][k]['steady']:.0f} | DataLoader "
+              f"{result['dataloader_img_s'][k]['steady']:.0f}")
+        print(f"       median paired ratios: Ray / DataLoader "
+              f"{result['ratio_vs_local_dataloader'][k]:.2f}, {args.few_shards} / {many} shards "
+              f"{result['ratio_few_vs_many_shards'][k]:.2f} (targets >= 0.9); decode ceiling "
               f"{c['one_process']:.0f} img/s in one process, {c['all_workers_ideal']:.0f} ideal "
               f"on {args.workers}")
     result.update({"n_images": args.n_images, "workers": args.workers,
                    "batch_size": args.batch_size, "source_size": args.source_size,
-                   "shard_images": args.shard_images, "ray_init_s": round(ray_init_s, 1),
+                   "shard_images": args.shard_images, "many_shards": many,
+                   "few_shards": args.few_shards, "ray_init_s": round(ray_init_s, 1),
                    "cpu": platform.processor() or platform.machine(),
                    "cores": os.cpu_count(), "ray": ray.__version__})
     print(json.dumps(result))
