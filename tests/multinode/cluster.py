@@ -69,14 +69,14 @@ def local_cluster(workers: int = 2, cpus_per_worker: int = 3,
     env = without_job_settings()
     nodes = []
     try:
-        head.start(environ=env)
+        head.start(environ=env, timeout=300)  # seconds idle; minutes on a loaded machine
         for i in range(workers):
             w = RayWorker(RayWorkerConfig(
                 head=head.config, name=f"w{i + 1}", temp_dir=root / f"w{i + 1}",
                 num_cpus=cpus_per_worker, dashboard_agent_listen_port=ports[2 * i],
                 metrics_export_port=ports[2 * i + 1],
                 min_worker_port=22000 + 200 * i, max_worker_port=22199 + 200 * i))
-            w.start(environ=env)
+            w.start(environ=env, timeout=300)
             nodes.append(w)
         yield Cluster(head=head, workers=nodes)
     finally:
