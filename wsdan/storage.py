@@ -79,7 +79,7 @@ def _s3_where(uri: str) -> str:
 # These travel with the file system when Ray ships it to workers (its retry strategy does
 # not: workers keep the SDK's standard retries, 3 attempts with backoff).
 _S3_TIMEOUTS = {"connect_timeout": 10.0, "request_timeout": 120.0}
-_S3_RETRIES = 8  # attempts, with the SDK's exponential backoff, where the strategy applies
+_S3_RETRIES = 5  # attempts with the SDK's exponential backoff: a dead endpoint fails in ~10 s
 
 
 def _s3_options() -> dict:
