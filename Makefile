@@ -46,7 +46,7 @@ stack-down: $(STAMP)
 # second session inside a private network namespace (only loopback), where several Ray
 # nodes can join one cluster without binding the machine's interfaces.
 test: $(STAMP) $(TOOLS_STAMP)
-	$(PY) -m pytest -q --timeout=900 -m "not multinode"
+	$(PY) -m pytest -q --timeout=900 --durations=15 -m "not multinode"
 	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode
 
 test-multinode: $(STAMP)

@@ -182,31 +182,5 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
 
 
-def test_ray_job_submit_to_a_head_node(prepared, ray_head_node, job_runtime_env, s3_server,
-                                      mlflow_env):
-    """`ray job submit` to a `ray start --head` cluster (its own temp dir and ports) whose
-    node knows nothing of S3 or MLflow: the job's runtime_env brings the endpoint, a
-    reference to the keys and the tracking URI. No key value in the job's logs or in the
-    run's params and tags."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from wsdan.services.ray_head import ray_env
-
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "job", "submit", "--address", ray_head_node.config.dashboard_url,
-           "--working-dir", ".", "--runtime-env-json", json.dumps(job_runtime_env),
-           "--", "python", *_job_argv("job-submit", prepared, "optim.epochs=1")]
-    done = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600)
-    logs = done.stdout + done.stderr
-    assert done.returncode == 0, logs[-4000:]
-    assert "succeeded" in logs
-    summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
-    assert summary["epochs"] == 1
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient().get_run(summary["run_id"])
-    secret = s3_server.config.secret_key
-    for text in (logs, json.dumps(run.data.params), json.dumps(run.data.tags)):
-        assert secret not in text
+# `ray job submit` of this job, with its runtime_env and the secret scan, is tested on a
+# multi-node cluster in tests/multinode; the sweep's is in tests/tuning.

@@ -95,7 +95,7 @@ def _alive_nodes(cluster) -> dict[str, dict]:
 
 def test_job_spreads_over_nodes_survives_a_node_loss_and_registers(
         multinode_cluster, data, job_runtime_env, mlflow_env, s3_server):
-    """One submitted job, 4 epochs, workers SPREAD over the two worker nodes (the head has
+    """One submitted job, 3 epochs, workers SPREAD over the two worker nodes (the head has
     no CPUs). Once epoch 1's checkpoint is in S3 (recording each rank's node and a digest of
     its weights and centres), worker node w2's raylet is SIGKILLed: a node crash. Ray Train
     restarts the worker group on w1 from that checkpoint and the job finishes: every epoch
@@ -108,7 +108,7 @@ def test_job_spreads_over_nodes_survives_a_node_loss_and_registers(
 
     from wsdan import storage
 
-    epochs = 4
+    epochs = 3
     job = _submit(multinode_cluster, job_runtime_env,
                   _train_argv("mn-job", data, f"optim.epochs={epochs}",
                               "--register-as", "wsdan-mn"))
