@@ -259,7 +259,8 @@ def _source_key(uri: str, split: str) -> str:
 
 def _skip_log(create: bool) -> Any:
     if create:
-        return SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True).remote()
+        return SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True,
+                               scheduling_strategy="DEFAULT").remote()  # see _epoch_clock
     try:
         return ray.get_actor(SKIP_LOG_NAME)
     except ValueError:
@@ -312,8 +313,12 @@ class EpochClock:
 
 
 def _epoch_clock() -> Any:
+    # scheduling_strategy="DEFAULT": outside the caller's placement group. Created from a
+    # Train worker it would otherwise be captured by that run's group, die with it, and
+    # (max_restarts=-1) wait forever to restart in a group that no longer exists: the next
+    # trial of a sweep then hung in announce_epoch.
     return EpochClock.options(name=EPOCH_CLOCK_NAME, namespace="wsdan", lifetime="detached",
-                              get_if_exists=True).remote()
+                              get_if_exists=True, scheduling_strategy="DEFAULT").remote()
 
 
 def _dataset_context(data: ray.data.Dataset | ray.data.DataIterator) -> DataContext | None:
