@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -189,7 +190,8 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(multinode_cluster, data
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     err = done.stderr
-    assert "this Ray cluster has 3 nodes" in err
+    # 2 or 3 nodes: the node-loss test before this one may have taken w2 down.
+    assert re.search(r"this Ray cluster has [23] nodes", err), err[-2000:]
     for what in ("--storage-path", "model.weights", "MLflow tracking URI", "s3://",
                  "--shared-filesystem"):
         assert what in err
