@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from wsdan.cluster import add_cluster_args
 from wsdan.config import TrainConfig
 from wsdan.launcher import JobSpec, preflight
 
@@ -32,19 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--register-as", default=None, help="registered model name in MLflow")
     p.add_argument("--experiment", default="wsdan")
-    p.add_argument("--shared-filesystem", action="store_true",
-                   help="local paths are on a file system that every node mounts (NFS): "
-                        "allow them on a multi-node cluster")
     p.add_argument("--placement", default="PACK",
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="where Ray puts the training workers: PACK (fewest nodes) or SPREAD "
                         "(one per node where possible)")
-    p.add_argument("--autoscaling-cluster", action="store_true",
-                   help="the cluster adds nodes on demand (Ray's v1 autoscaler, which does "
-                        "not publish its limits): wait for resources instead of failing")
-    p.add_argument("--resource-timeout", type=float, default=900.0,
-                   help="seconds to wait for an autoscaling cluster to add the nodes the "
-                        "job needs")
+    add_cluster_args(p)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 

@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from jobs import prepare_data, train
+from jobs import train
+from tests.helpers import prepare_tiny_synthetic
 from wsdan.config import ConfigError
-from wsdan.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -30,22 +30,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def prepared(s3_server, tmp_path_factory):
     """A tiny generated data set (K=3, 64 px) prepared into s3://wsdan-jobs/data."""
-    import os
-
-    s3_server.ensure_bucket(BUCKET)
-    src = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(src, spec=SyntheticSpec(num_classes=3, image_size=64, seed=0),
-                            n_train=48, n_val=18, n_test=6, progress=False)
-    saved = dict(os.environ)
-    os.environ.update(s3_server.aws_env())
-    try:
-        prepare_data.main(prepare_data.get_args_parser().parse_args(
-            ["--format", "synthetic", "--src", str(src), "--dest", f"s3://{BUCKET}/data",
-             "--no-progress"]))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return f"s3://{BUCKET}/data"
+    return prepare_tiny_synthetic(s3_server, tmp_path_factory.mktemp("synthetic"), BUCKET,
+                                  n_train=48, n_val=18)
 
 
 def _run(name: str, data: str, *extra: str, register: str | None = None, workers: int = 2):

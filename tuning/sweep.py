@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wsdan import storage
+from wsdan.cluster import add_cluster_args
 from wsdan.config import ConfigError
 
 STATE_FILE = "wsdan_sweep.json"
@@ -48,15 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-period", type=int, default=30,
                    help="seconds between uploads of the sweep state to a remote storage path: "
                         "a driver that dies loses at most this much of the sweep's record")
-    p.add_argument("--shared-filesystem", action="store_true",
-                   help="local paths are on a file system that every node mounts (NFS): "
-                        "allow them on a multi-node cluster")
-    p.add_argument("--autoscaling-cluster", action="store_true",
-                   help="the cluster adds nodes on demand (Ray's v1 autoscaler, which does "
-                        "not publish its limits): wait for resources instead of failing")
-    p.add_argument("--resource-timeout", type=float, default=900.0,
-                   help="seconds to wait for an autoscaling cluster to add the nodes one "
-                        "trial needs")
+    add_cluster_args(p)
     p.add_argument("overrides", nargs="*", help="base config overrides, key=value")
     return p
 

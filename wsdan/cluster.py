@@ -38,6 +38,18 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
                  "AWS_REGION", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
 
+def add_cluster_args(p: Any) -> None:
+    """The command-line flags of the checks here, shared by the job and the sweep."""
+    p.add_argument("--shared-filesystem", action="store_true",
+                   help="local paths are on a file system that every node mounts (NFS): "
+                        "allow them on a multi-node cluster")
+    p.add_argument("--autoscaling-cluster", action="store_true",
+                   help="the cluster adds nodes on demand (Ray's v1 autoscaler, which does "
+                        "not publish its limits): wait for resources instead of failing")
+    p.add_argument("--resource-timeout", type=float, default=900.0,
+                   help="seconds to wait for an autoscaling cluster to add the nodes needed")
+
+
 def driver_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The runtime_env for ``ray.init`` from a driver: :data:`FORWARDED_ENV` from its
     environment, and the cluster's address (``RAY_ADDRESS``), which Ray Train's

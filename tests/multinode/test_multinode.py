@@ -6,9 +6,7 @@ paths refused before any work. (One job does all of it: each job costs minutes h
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import aws_environ, prepare_tiny_synthetic
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -32,23 +32,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def data(s3_server, tmp_path_factory) -> str:
     """A tiny generated data set (K=3, 64 px) prepared into s3://wsdan-multinode/data."""
-    from jobs import prepare_data
-    from wsdan.data.synthetic import SyntheticSpec, write_synthetic_dataset
-
-    s3_server.ensure_bucket(BUCKET)
-    src = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(src, spec=SyntheticSpec(num_classes=3, image_size=64, seed=0),
-                            n_train=96, n_val=24, n_test=6, progress=False)
-    saved = dict(os.environ)
-    os.environ.update(s3_server.aws_env())
-    try:
-        prepare_data.main(prepare_data.get_args_parser().parse_args(
-            ["--format", "synthetic", "--src", str(src), "--dest", f"s3://{BUCKET}/data",
-             "--no-progress"]))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return f"s3://{BUCKET}/data"
+    return prepare_tiny_synthetic(s3_server, tmp_path_factory.mktemp("synthetic"), BUCKET,
+                                  n_train=96, n_val=24)
 
 
 def _train_argv(name: str, data: str, *extra: str) -> list[str]:
@@ -128,7 +113,7 @@ def test_job_spreads_over_nodes_survives_a_node_loss_and_registers(
             raylet = victim.raylet()
             assert raylet is not None
             raylet.kill()
-            with _aws(s3_server):
+            with aws_environ(s3_server):
                 first = torch.load(io.BytesIO(storage.read_bytes(f"s3://{BUCKET}/{done[0]}")),
                                    weights_only=True, map_location="cpu")
         time.sleep(0.5)
@@ -158,17 +143,6 @@ def test_job_spreads_over_nodes_survives_a_node_loss_and_registers(
     secret = s3_server.config.secret_key
     for text in (logs, json.dumps(runs[0].data.params), json.dumps(runs[0].data.tags)):
         assert secret not in text
-
-
-@contextlib.contextmanager
-def _aws(s3_server):
-    saved = dict(os.environ)
-    os.environ.update(s3_server.aws_env())
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_local_paths_are_refused_on_a_multi_node_cluster(multinode_cluster, data, tmp_path,
