@@ -11,11 +11,16 @@ square ``size``×``size`` (bilinear; PIL's resampling filters widen with the sca
 i.e. they are antialiased, like ``F.interpolate(..., antialias=True)`` in
 ``wsdan.transforms``). The aspect ratio is not kept, as in the reference recipe's
 ``Resize((512, 512))`` (algorithm.md §5). EXIF orientation is ignored: box annotations of
-the public data sets are in stored-pixel coordinates.
+the public data sets are in stored-pixel coordinates, so the network learns stored pixels.
+
+The served model (``wsdan.tracking.pyfunc``) decodes with these same functions — `decode` for
+encoded bytes, `decode_array` for pixel arrays — so a request sees the pixels validation saw:
+the same RGB conversion, the same resize, and EXIF orientation ignored there too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import posixpath
@@ -26,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DecodeError", "DecodedBatch", "Decoded", "decode", "decode_batch", "decode_blocks",
-           "decode_image", "folder_rows", "rescale_boxes", "to_rgb"]
+__all__ = ["DecodeError", "DecodedBatch", "Decoded", "decode", "decode_array", "decode_batch",
+           "decode_blocks", "decode_image", "decode_rgb", "folder_rows", "rescale_boxes",
+           "to_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
+def _resized(rgb: Image.Image, size: int) -> np.ndarray:
+    """The one resize, of the pipeline and of serving: RGB → ``size``×``size``×3 uint8."""
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """``Image.open`` of ``data``; what PIL raises in the block becomes :class:`DecodeError`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            yield im
+    except DecodeError:
+        raise
+    except UnidentifiedImageError as e:
+        raise DecodeError("not an image in a format PIL reads") from e
+    except _DECODE_ERRORS as e:
+        raise DecodeError(f"{type(e).__name__}: {e}") from e
+
+
 def decode(data: bytes, size: int) -> Decoded:
     """Decode ``data`` to a ``size``×``size``×3 uint8 RGB array and the original size.
 
@@ -93,20 +120,12 @@ def decode(data: bytes, size: int) -> Decoded:
     times faster than a full decode followed by a large downscale. Raises
     :class:`DecodeError` for bytes that are not a readable image.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if im.format == "JPEG" and im.mode in ("RGB", "L"):
-                # draft() keeps the result >= the requested size, so quality is kept.
-                im.draft(im.mode, (size, size))
-            rgb = to_rgb(im)  # forces the (possibly reduced) decode
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            out = np.asarray(rgb, dtype=np.uint8)
-    except UnidentifiedImageError as e:
-        raise DecodeError("not an image in a format PIL reads") from e
-    except _DECODE_ERRORS as e:
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
+    with _opened(data) as im:
+        width, height = im.size
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            # draft() keeps the result >= the requested size, so quality is kept.
+            im.draft(im.mode, (size, size))
+        out = _resized(to_rgb(im), size)  # to_rgb forces the (possibly reduced) decode
     if out.shape != (size, size, 3):  # pragma: no cover - to_rgb guarantees RGB
         raise DecodeError(f"decoded to shape {out.shape}, expected {(size, size, 3)}")
     return Decoded(out, width, height)
@@ -115,6 +134,27 @@ def decode(data: bytes, size: int) -> Decoded:
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded bytes (JPEG, PNG, ... any mode) → uint8 ``size``×``size``×3 RGB (see `decode`)."""
     return decode(data, size).image
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded bytes → their full-size H×W×3 uint8 RGB pixels (`to_rgb`, no resize, no
+    reduced-scale JPEG decode; EXIF orientation ignored). Raises :class:`DecodeError`."""
+    with _opened(data) as im:
+        return np.array(to_rgb(im), dtype=np.uint8)  # a writable copy
+
+
+def decode_array(pixels: np.ndarray, size: int | None) -> np.ndarray:
+    """Decoded pixels, H×W×3 RGB or H×W grey uint8 → ``size``×``size``×3 uint8 RGB with the
+    resize of `decode` (``size`` None: H×W×3, not resized). For pixels of decoded bytes,
+    ``decode_array(decode_rgb(b), s)`` equals ``decode_image(b, s)`` except where `decode`
+    reads a large JPEG at reduced scale. Raises :class:`DecodeError` for other dtypes or
+    shapes."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        raise DecodeError(f"image arrays must be uint8, got {getattr(pixels, 'dtype', None)}")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)) or 0 in pixels.shape:
+        raise DecodeError(f"image arrays must be H×W×3 (or H×W), got shape {pixels.shape}")
+    rgb = to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))
+    return np.array(rgb, dtype=np.uint8) if size is None else _resized(rgb, size)
 
 
 def rescale_boxes(boxes: np.ndarray, width: float, height: float, size: int) -> np.ndarray:

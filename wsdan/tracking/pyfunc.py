@@ -9,12 +9,20 @@ and ``load_context`` rebuilds the network from random init (never downloading we
 loads the state dict strictly. The ``wsdan`` package travels in the model's ``code/`` folder,
 so a process without the project installed (``mlflow models serve``) can load it.
 
-Input: a DataFrame with a column ``image`` of encoded image bytes (JPEG, PNG, ... any size and
-mode; converted to RGB), base64 strings of them, or H×W×3 uint8 arrays. (A plain list of
+Input: a DataFrame with a column ``image`` of encoded image bytes (JPEG, PNG, GIF, ... any size
+and mode), base64 strings of them, or H×W×3 uint8 arrays. They are pre-processed as validation
+in training is, by the same code: decoded and resized to resize_size² by ``wsdan.data.decode``
+(RGB conversion: alpha composited over white, 16-bit greys scaled, palettes and CMYK converted;
+bilinear antialiased resize; EXIF orientation ignored, in training too), then centre-cropped to
+image_size² (``wsdan.transforms.center_crop``, as ``wsdan.engine.evaluate``). (A plain list of
 these works on the model itself, ``unwrap_python_model().predict(None, images)``; MLflow's
 ``PyFuncModel.predict`` checks the input against the signature and wants the DataFrame.)
 Over ``mlflow models serve``, send base64 text in the ``image`` column of a
-``dataframe_split`` or ``dataframe_records`` payload. Output: one row per image::
+``dataframe_split`` or ``dataframe_records`` payload. A bad input is a client error
+(``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP
+400 and the message): no ``image`` column, an empty batch, or rows that are not images, each
+named by its position counted from 0, e.g. ``row 2: cannot decode image (12 bytes): ...``.
+Output: one row per image::
 
     class_id       int     argmax of the fused logits (raw + crop) / 2
     class_name     str
@@ -33,7 +41,7 @@ import importlib.metadata
 import io
 import json
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,8 +49,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from PIL import Image
@@ -50,9 +60,10 @@ from torch import Tensor, nn
 
 import wsdan
 from wsdan.config import TrainConfig
+from wsdan.data.decode import DecodeError, decode, decode_array, decode_rgb
 from wsdan.inference import predict
 from wsdan.model import WSDAN, build_model
-from wsdan.transforms import center_crop, resize
+from wsdan.transforms import center_crop
 
 FORMAT_VERSION = 1
 STATE_DICT_ARTIFACT = "state_dict"
@@ -149,91 +160,142 @@ def build_from_spec(spec: dict[str, Any], state_dict_path: str | Path) -> WSDAN:
 
 
 # -- decoding and pre-processing ----------------------------------------------------------
+#
+# One implementation with training: encoded images go through ``wsdan.data.decode.decode`` at
+# resize_size (what the data pipeline runs for validation batches), arrays through its
+# ``decode_array``; then ``center_crop`` as in ``wsdan.engine.evaluate``. EXIF orientation is
+# ignored in both, as the training data's boxes are in stored-pixel coordinates.
 
 
-def decode_image(value: Any) -> np.ndarray:
-    """One image → H×W×3 uint8 RGB array.
+class ImageInputError(ValueError):
+    """One input value that is not an image the model can read."""
 
-    Accepts encoded bytes (any format and mode PIL reads: grayscale, RGBA, palette...), base64
-    text or bytes of them, or an H×W×3 (or H×W grayscale) uint8 array.
-    """
+
+def _b64decode(data: bytes | str) -> bytes:
+    try:
+        if isinstance(data, str):
+            data = data.encode("ascii")
+        # MLflow's own encoder emits MIME-style base64 with newlines: drop whitespace first.
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageInputError(f"image text is not valid base64: {err}") from None
+
+
+def _encoded(value: Any) -> bytes | np.ndarray:
+    """An input value → encoded image bytes, or the pixel array it is."""
     if isinstance(value, np.ndarray):
-        return _array_to_rgb(value)
+        return value
     if isinstance(value, str):
-        return _open_rgb(_b64decode(value.encode("ascii", errors="strict")))
+        return _b64decode(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if not data.startswith(_IMAGE_MAGIC):
-            with contextlib.suppress(ValueError):  # not base64 either: PIL names the problem
+            with contextlib.suppress(ImageInputError):  # not base64 either: PIL names the problem
                 data = _b64decode(data)
-        return _open_rgb(data)
-    raise TypeError(
+        return data
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        raise ImageInputError("no image (the value is empty)")
+    raise ImageInputError(
         f"an image must be encoded bytes, base64 text or an H×W×3 uint8 array, got "
         f"{type(value).__name__}"
     )
 
 
-def _b64decode(data: bytes) -> bytes:
-    try:
-        # MLflow's own encoder emits MIME-style base64 with newlines: drop whitespace first.
-        return base64.b64decode(b"".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"image text is not valid base64: {err}") from None
+def _decode_error(data: bytes | np.ndarray, err: DecodeError) -> ImageInputError:
+    if isinstance(data, np.ndarray):
+        return ImageInputError(str(err))
+    return ImageInputError(f"cannot decode image ({len(data)} bytes): {err}")
 
 
-def _open_rgb(data: bytes) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.array(im.convert("RGB"))  # a writable copy, as torch wants
-    except OSError as err:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {err}") from None
+def decode_image(value: Any) -> np.ndarray:
+    """One image → its full-size H×W×3 uint8 RGB array (``wsdan.data.decode.decode_rgb``).
 
-
-def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image arrays must be H×W×3 (or H×W), got shape {arr.shape}")
-    return arr
-
-
-def preprocess(images: Iterable[np.ndarray], *, resize_size: int, image_size: int) -> Tensor:
-    """The evaluation transform: H×W×3 uint8 arrays → B×3×S×S float in [0, 1].
-
-    Each image is resized to resize_size² (as the data pipeline does before batching), then
-    the batch is centre-cropped to image_size² (``wsdan.transforms.center_crop``).
+    Accepts encoded bytes (any format and mode PIL reads: grayscale, 16-bit, RGBA, palette,
+    CMYK...), base64 text or bytes of them, or an H×W×3 (or H×W grayscale) uint8 array.
+    Raises :class:`ImageInputError` naming the problem.
     """
-    resized = [
-        resize(torch.tensor(a).permute(2, 0, 1)[None], resize_size)  # copies: input may be read-only
-        for a in images
-    ]  # each 1×3×R×R uint8
-    return center_crop(torch.cat(resized), image_size)  # B×3×S×S float
+    data = _encoded(value)
+    try:
+        if isinstance(data, np.ndarray):
+            return decode_array(data, None)
+        return decode_rgb(data)
+    except DecodeError as err:
+        raise _decode_error(data, err) from None
+
+
+def decode_resized(value: Any, size: int) -> np.ndarray:
+    """One image → ``size``×``size``×3 uint8, decoded and resized exactly as the data pipeline
+    does (``wsdan.data.decode.decode``; arrays: ``decode_array``). Raises
+    :class:`ImageInputError` naming the problem."""
+    data = _encoded(value)
+    try:
+        if isinstance(data, np.ndarray):
+            return decode_array(data, size)
+        return decode(data, size).image
+    except DecodeError as err:
+        raise _decode_error(data, err) from None
+
+
+def _bad_input(message: str) -> MlflowException:
+    """A client error: ``mlflow models serve`` answers it with HTTP 400 and this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _batch(values: Sequence[Any], size: int, first_row: int = 0) -> Tensor:
+    """Values → B×3×size×size uint8 (the validation batch layout), or an
+    :class:`MlflowException` (400 when served) naming every bad row (counted from 0)."""
+    images = np.empty((len(values), 3, size, size), np.uint8)
+    errors = []
+    for i, value in enumerate(values):
+        try:
+            images[i] = decode_resized(value, size).transpose(2, 0, 1)
+        except ImageInputError as err:
+            errors.append(f"row {first_row + i}: {err}")
+    if errors:
+        more = f"; and {len(errors) - 5} more bad rows" if len(errors) > 5 else ""
+        raise _bad_input("; ".join(errors[:5]) + more)
+    return torch.from_numpy(images)
+
+
+def preprocess(images: Sequence[Any], *, resize_size: int, image_size: int) -> Tensor:
+    """The evaluation transform: images → B×3×S×S float in [0, 1].
+
+    Each image (encoded bytes, base64 text or a uint8 array, see `decode_image`) is decoded and
+    resized to resize_size² by ``wsdan.data.decode`` as the data pipeline does, then the batch is
+    centre-cropped to image_size² by ``wsdan.transforms.center_crop`` as in
+    ``wsdan.engine.evaluate``.
+    """
+    return center_crop(_batch(list(images), resize_size), image_size)
 
 
 def _image_values(model_input: Any) -> list[Any]:
+    """The images of an input, in row order; an empty input or one without an ``image``
+    column is a client error (:class:`MlflowException`, HTTP 400 when served)."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise ValueError(
-                f"input DataFrame needs a column {IMAGE_COLUMN!r}, got {list(model_input.columns)}"
+            raise _bad_input(
+                f"input needs a column {IMAGE_COLUMN!r} of images, got columns "
+                f"{[str(c) for c in model_input.columns]}"
             )
-        return list(model_input[IMAGE_COLUMN])
-    if isinstance(model_input, pd.Series):
-        return list(model_input)
-    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
-        return list(model_input[IMAGE_COLUMN])
-    if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8:
-        if model_input.ndim == 4:  # N×H×W×3
-            return list(model_input)
-        if model_input.ndim in (2, 3):  # a single image
-            return [model_input]
-    if isinstance(model_input, (list, tuple, np.ndarray)):
-        return list(model_input)
-    raise TypeError(
-        f"expected a DataFrame with an {IMAGE_COLUMN!r} column or a list of images, got "
-        f"{type(model_input).__name__}"
-    )
+        values = list(model_input[IMAGE_COLUMN])
+    elif isinstance(model_input, pd.Series):
+        values = list(model_input)
+    elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        values = list(model_input[IMAGE_COLUMN])
+    elif isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and (
+        model_input.ndim in (2, 3)
+    ):
+        values = [model_input]  # a single image
+    elif isinstance(model_input, (list, tuple, np.ndarray)):
+        values = list(model_input)  # N×H×W×3 uint8 arrays split into images
+    else:
+        raise _bad_input(
+            f"expected a DataFrame with an {IMAGE_COLUMN!r} column or a list of images, got "
+            f"{type(model_input).__name__}"
+        )
+    if not values:
+        raise _bad_input(f"empty batch: no rows in the {IMAGE_COLUMN!r} column")
+    return values
 
 
 # -- the pyfunc model ---------------------------------------------------------------------
@@ -270,13 +332,10 @@ class WSDANPyfunc(mlflow.pyfunc.PythonModel):
         values = _image_values(model_input)
         rows: list[pd.DataFrame] = []
         for start in range(0, len(values), self.batch_size):
-            chunk = [decode_image(v) for v in values[start : start + self.batch_size]]
-            images = preprocess(chunk, resize_size=self.resize_size, image_size=self.image_size)
-            out = predict(self.model, images.to(self.device), theta=self.theta,
-                          padding=self.padding)
+            images = _batch(values[start : start + self.batch_size], self.resize_size, start)
+            images = center_crop(images.to(self.device), self.image_size)  # as in evaluate
+            out = predict(self.model, images, theta=self.theta, padding=self.padding)
             rows.append(self._rows(out.logits, out.boxes))
-        if not rows:
-            return self._rows(torch.zeros(0, len(self.class_names)), torch.zeros(0, 4))
         return pd.concat(rows, ignore_index=True)
 
     def _rows(self, logits: Tensor, boxes: Tensor) -> pd.DataFrame:
