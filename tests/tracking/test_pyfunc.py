@@ -1,7 +1,8 @@
 """wsdan.tracking.pyfunc: a tiny WS-DAN logged to a real MLflow server (artifacts in the S3
 bucket), registered, aliased, loaded by ``models:/NAME@champion`` and served over HTTP; its
 predictions must equal direct ``wsdan.inference.predict`` on the images pre-processed as
-validation does (``wsdan.data.decode`` at resize_size, then centre crop)."""
+validation does (``wsdan.data.decode`` at resize_size, then centre crop), and bad requests
+must get HTTP 400 naming the problem."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from tests.tracking.test_serving_decode import _files
 from wsdan.config import TrainConfig
 from wsdan.data.decode import decode_batch
 from wsdan.inference import predict
@@ -306,15 +308,26 @@ sys.meta_path[:] = [f for f in sys.meta_path
 """
 
 
-def _post(url: str, payload: dict[str, Any]) -> Any:
+def _request(url: str, payload: dict[str, Any]) -> tuple[int, Any]:
+    """POST ``payload`` as JSON: the status and the decoded JSON answer, errors included."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=60) as response:
-            return json.loads(response.read())
+            return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
-        raise AssertionError(f"{err.code}: {err.read().decode(errors='replace')}") from None
+        body = err.read().decode(errors="replace")
+        try:
+            return err.code, json.loads(body)
+        except ValueError:
+            return err.code, body
+
+
+def _post(url: str, payload: dict[str, Any]) -> Any:
+    status, answer = _request(url, payload)
+    assert status == 200, f"{status}: {answer}"
+    return answer
 
 
 def _wait_ping(url: str, proc: subprocess.Popen[bytes], log_path: Any, timeout: float) -> float:
@@ -333,7 +346,11 @@ def _wait_ping(url: str, proc: subprocess.Popen[bytes], log_path: Any, timeout: 
     raise AssertionError(f"no /ping after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
-def test_served_champion_answers_like_direct_inference(logged, mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def served_url(logged, mlflow_server, tmp_path_factory) -> Iterator[str]:
+    """``mlflow models serve`` of the champion on loopback, once per module, in a process that
+    has neither the project installed nor S3 keys: the model must carry its code."""
+    tmp_path = tmp_path_factory.mktemp("serve")
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(_HIDE_PROJECT)
@@ -342,7 +359,6 @@ def test_served_champion_answers_like_direct_inference(logged, mlflow_server, tm
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
            "PYTHONPATH": str(hide), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # The served process has no S3 keys and no project: the model must carry its code.
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
         env.pop(name, None)
     check = subprocess.run([sys.executable, "-c", "import wsdan"], env=env, cwd=tmp_path,
@@ -361,20 +377,8 @@ def test_served_champion_answers_like_direct_inference(logged, mlflow_server, tm
     try:
         url = f"http://127.0.0.1:{port}"
         ready = _wait_ping(url, proc, log_path, timeout=120)
-        encoded = _images()
-        expected = _direct(logged["model"], encoded)
-        as_text = [base64.b64encode(b).decode("ascii") for b in encoded]
-        split = _post(f"{url}/invocations", {
-            "dataframe_split": {"columns": ["image"], "data": [[t] for t in as_text]}})
-        records = _post(f"{url}/invocations", {"dataframe_records": [{"image": t} for t in as_text]})
-        for answer in (split, records):
-            rows = answer["predictions"]
-            assert [r["class_id"] for r in rows] == expected["class_id"].tolist()
-            np.testing.assert_allclose([r["probabilities"] for r in rows],
-                                       expected["probabilities"], atol=1e-5, rtol=0)
-            assert [[r[k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] for r in rows] == \
-                expected["boxes"].tolist()
         print(f"mlflow models serve: /ping after {ready:.1f} s")
+        yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # serve and its uvicorn worker
@@ -383,3 +387,46 @@ def test_served_champion_answers_like_direct_inference(logged, mlflow_server, tm
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_served_champion_answers_like_direct_inference(logged, served_url):
+    # The training-set-like images, and files whose decoding is easy to get different from
+    # training's (alpha, 16-bit, palette GIF, CMYK, a large JPEG, EXIF orientation).
+    encoded = _images() + list(_files().values())
+    expected = _direct(logged["model"], encoded)
+    as_text = [base64.b64encode(b).decode("ascii") for b in encoded]
+    split = _post(f"{served_url}/invocations", {
+        "dataframe_split": {"columns": ["image"], "data": [[t] for t in as_text]}})
+    records = _post(f"{served_url}/invocations",
+                    {"dataframe_records": [{"image": t} for t in as_text]})
+    for answer in (split, records):
+        rows = answer["predictions"]
+        assert [r["class_id"] for r in rows] == expected["class_id"].tolist()
+        np.testing.assert_allclose([r["probabilities"] for r in rows],
+                                   expected["probabilities"], atol=1e-5, rtol=0)
+        assert [[r[k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] for r in rows] == \
+            expected["boxes"].tolist()
+
+
+def test_served_bad_requests_get_400_naming_the_problem(served_url):
+    url = f"{served_url}/invocations"
+    good = base64.b64encode(_images()[0]).decode("ascii")
+    bad = base64.b64encode(b"not an image").decode("ascii")  # 12 bytes
+
+    def error(payload: dict[str, Any]) -> str:
+        status, answer = _request(url, payload)
+        assert status == 400, f"{status}: {answer}"
+        assert isinstance(answer, dict) and "stack_trace" not in answer, answer
+        assert "unexpected error" not in answer["message"], answer
+        return answer["message"]
+
+    message = error({"dataframe_split": {"columns": ["image"], "data": [[good], [good], [bad]]}})
+    assert "row 2: cannot decode image (12 bytes): not an image in a format PIL reads" in message
+    assert "row 0" not in message and "row 1" not in message
+    message = error({"dataframe_records": [{"picture": good}]})
+    assert "missing inputs ['image']" in message, message  # MLflow's schema check
+    message = error({"dataframe_split": {"columns": ["image"], "data": []}})
+    assert "empty batch: no rows in the 'image' column" in message, message
+    message = error({"dataframe_records": [{"image": good}, {"image": None}]})
+    assert "column image" in message, message  # MLflow's base64 decoding of the column
+    assert _post(url, {"dataframe_records": [{"image": good}]})["predictions"]  # still serving
