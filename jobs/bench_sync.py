@@ -46,10 +46,31 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
+    inbox = config.pop("inbox")
     result = _measure(ctx.get_world_rank(), argparse.Namespace(**config), device)
     nodes: list = [None] * ctx.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    ray.train.report({"result": json.dumps({**result, "nodes": nodes})})
+    if ctx.get_world_rank() == 0:
+        # Straight to the driver: a report without a checkpoint keeps no metrics in the
+        # Result, and a checkpoint would need storage that every node shares.
+        ray.get(inbox.put.remote({**result, "nodes": nodes}))
+
+
+def _inbox():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Inbox:
+        def __init__(self) -> None:
+            self.value = None
+
+        def put(self, value: dict) -> None:
+            self.value = value
+
+        def get(self) -> dict | None:
+            return self.value
+
+    return Inbox.remote()
 
 
 def _measure(rank: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -119,13 +140,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run_on_ray(args: argparse.Namespace) -> dict:
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from wsdan.cluster import connect
 
     connect()
-    config = {k: v for k, v in vars(args).items()}
+    inbox = _inbox()
+    config = {**vars(args), "inbox": inbox}
     trainer = TorchTrainer(
         _ray_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=args.use_gpu,
@@ -135,7 +158,10 @@ def _run_on_ray(args: argparse.Namespace) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return json.loads(result.metrics["result"])
+    out = ray.get(inbox.get.remote())
+    if out is None:
+        raise RuntimeError("the Ray Train workers finished without sending their timings")
+    return out
 
 
 def main(args: argparse.Namespace) -> dict:
