@@ -60,6 +60,30 @@ def _peaky_maps(b, h, w, gen):
     return maps
 
 
+def region_crop(images, boxes, size):
+    """Independent per-image reference of crop_and_resize's semantics: bilinear samples of
+    the whole image at the box's sample points, clamped at the image border (grid_sample)."""
+    _, _, h, w = images.shape
+    out = []
+    for b, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        xs = x0 + (torch.arange(size[1], dtype=torch.float64) + 0.5) * (x1 - x0) / size[1] - 0.5
+        ys = y0 + (torch.arange(size[0], dtype=torch.float64) + 0.5) * (y1 - y0) / size[0] - 0.5
+        gy, gx = torch.meshgrid((2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1, indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1)[None]
+        out.append(F.grid_sample(images[b : b + 1].double(), grid, mode="bilinear",
+                                 padding_mode="border", align_corners=False))
+    return torch.cat(out).to(images.dtype)
+
+
+def _inside(box, h_out, w_out):
+    """Output pixels whose sample point lies between the centres of the box's first and last
+    pixels: there a crop of the region and a crop of the cut-out window agree."""
+    x0, y0, x1, y1 = box
+    xs = x0 + (torch.arange(w_out) + 0.5) * (x1 - x0) / w_out - 0.5
+    ys = y0 + (torch.arange(h_out) + 0.5) * (y1 - y0) / h_out - 0.5
+    return ((ys >= y0) & (ys <= y1 - 1))[:, None] & ((xs >= x0) & (xs <= x1 - 1))[None, :]
+
+
 def test_batched_crop_equals_loop():
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(6, 3, 64, 48, generator=gen)
@@ -69,19 +93,36 @@ def test_batched_crop_equals_loop():
     ref_crops, ref_boxes = loop_crop(images, maps, thetas, 0.1)
     assert torch.equal(boxes, ref_boxes)
     assert (boxes[:, 2] - boxes[:, 0]).unique().numel() > 1  # the boxes really differ
-    torch.testing.assert_close(crops, ref_crops, atol=1e-5, rtol=0)
+    # Exactly the region's samples (independent reference) ...
+    torch.testing.assert_close(crops, region_crop(images, boxes, (64, 48)), atol=1e-5, rtol=0)
+    # ... and the public codes' crop of the cut-out wherever the two definitions agree;
+    # near the box edges they differ by at most one pixel step, and only a little overall.
+    for b in range(6):
+        inside = _inside(boxes[b].tolist(), 64, 48)
+        assert inside.float().mean() > 0.8
+        torch.testing.assert_close(crops[b][:, inside], ref_crops[b][:, inside], atol=1e-5, rtol=0)
+    assert (crops - ref_crops).abs().mean() < 0.01
 
 
-def test_crop_and_resize_handles_downscale_and_identity():
+def test_crop_and_resize_handles_downscale_identity_and_image_border():
     gen = torch.Generator().manual_seed(2)
-    images = torch.rand(3, 2, 20, 30, generator=gen)
-    boxes = torch.tensor([[0, 0, 30, 20], [3, 2, 30, 20], [5, 5, 6, 6]])
+    images = torch.rand(4, 2, 20, 30, generator=gen)
+    boxes = torch.tensor([[0, 0, 30, 20], [3, 2, 30, 20], [5, 5, 6, 6], [0, 0, 7, 9]])
     out = crop_and_resize(images, boxes, (10, 40))
-    for b, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        ref = F.interpolate(images[b : b + 1, :, y0:y1, x0:x1], size=(10, 40), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(out[b : b + 1], ref, atol=1e-5, rtol=0)
-    same = crop_and_resize(images, boxes[:1].expand(3, 4), (20, 30))
+    torch.testing.assert_close(out, region_crop(images, boxes, (10, 40)), atol=1e-5, rtol=0)
+    # The whole image: region and cut-out are the same thing, at every pixel.
+    ref = F.interpolate(images[:1], size=(10, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[:1], ref, atol=1e-5, rtol=0)
+    # A box as large as the output copies pixels exactly.
+    same = crop_and_resize(images, boxes[:1].expand(4, 4), (20, 30))
     torch.testing.assert_close(same, images, atol=1e-6, rtol=0)
+    shifted = crop_and_resize(images, torch.tensor([[4, 3, 24, 13]] * 4), (10, 20))
+    torch.testing.assert_close(shifted, images[:, :, 3:13, 4:24], atol=1e-6, rtol=0)
+    # Half-precision input is cropped in fp32 (bf16 cannot hold the coordinates) and
+    # returned in its own dtype.
+    half = crop_and_resize(images.bfloat16(), boxes, (10, 40))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), out, atol=1e-2, rtol=0)
 
 
 def test_batched_drop_equals_loop():

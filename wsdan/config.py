@@ -44,9 +44,20 @@ class ModelConfig:
     # SyncBatchNorm across workers: BN then sees the global batch, as one process would
     # (small per-GPU batches, e.g. the recipe's 12, give noisy BN statistics otherwise).
     sync_batchnorm: bool = False
+    # How the step runs on its device (wsdan.accel): autocast precision (auto = bf16 on a
+    # GPU with bf16, fp32 elsewhere; BAP, the head and the centres stay fp32 always),
+    # NHWC memory format (null = on with CUDA), torch.compile, cuDNN autotuning.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool | None = None
+    compile: bool = False
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
+        from wsdan.accel import PRECISIONS
         from wsdan.backbones import list_backbones
+
+        _check(self.precision in PRECISIONS, "precision",
+               f"must be one of {', '.join(PRECISIONS)}", self.precision)
 
         _check(self.backbone in list_backbones(), "backbone",
                f"unknown backbone (known: {', '.join(list_backbones())})", self.backbone)

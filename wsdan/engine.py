@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsdan.accel import Accel
 from wsdan.config import TrainConfig
 from wsdan.inference import predict
 from wsdan.metrics import EvalCounts
@@ -44,11 +45,19 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] | None = None,
     log_every: int = 20,
+    accel: Accel | None = None,
 ) -> dict[str, float]:
     """One epoch of WS-DAN steps; returns mean losses, accuracy on raw images, img/s and
-    the fraction of wall time spent waiting for data."""
+    the fraction of wall time spent waiting for data.
+
+    ``accel``: precision and memory format (default: from ``cfg.model`` for ``device``;
+    pass the job's own so that an fp16 gradient scaler keeps its state across epochs).
+    The running sums stay on the device: the host reads them every ``log_every`` steps
+    (only when logging) and at the end of the epoch, not every step.
+    """
     model.train()
-    sums = torch.zeros(6, dtype=torch.float64)
+    accel = accel if accel is not None else Accel.from_config(cfg.model, device)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     n_img, wait, t0 = 0, 0.0, time.perf_counter()
     lr = base_lr
     t_wait = time.perf_counter()
@@ -65,20 +74,19 @@ def train_one_epoch(
         )
         labels = batch["label"].to(device, non_blocking=True)
         res = train_step(model, optimizer, images, labels, generator=generator,
-                         augment=cfg.augment, optim=cfg.optim)
+                         augment=cfg.augment, optim=cfg.optim, accel=accel)
         b = labels.numel()
         correct = (res.logits_raw.argmax(1) == labels).sum()
-        # One host sync per step for the running sums (cheap next to the three passes).
         sums += torch.stack([res.loss * b, res.loss_raw * b, res.loss_crop * b,
                              res.loss_drop * b, res.loss_center * b,
-                             correct.to(res.loss.dtype)]).double().cpu()
+                             correct.to(res.loss.dtype)]).double()
         n_img += b
         if log is not None and (i + 1) % log_every == 0:
             log(f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {res.loss.item():.4f} "
                 f"lr {lr:.2e}")
         t_wait = time.perf_counter()
     elapsed = time.perf_counter() - t0
-    s = (sums / max(n_img, 1)).tolist()
+    s = (sums / max(n_img, 1)).tolist()  # the epoch's one read of the sums
     return {
         "loss": s[0], "loss_raw": s[1], "loss_crop": s[2], "loss_drop": s[3],
         "loss_center": s[4], "train_raw_top1": s[5], "lr": lr,
@@ -96,19 +104,22 @@ def evaluate(
     device: torch.device | str = "cpu",
     distributed: bool = False,
     confusion: bool = False,
+    accel: Accel | None = None,
 ) -> dict[str, Any]:
     """Refined evaluation (algorithm.md §4): raw/crop/fused top-1/top-5 and, where boxes
     exist, refinement-box IoU and attention-peak hit rates. With ``distributed``, counts
     are summed over ranks before dividing. With ``confusion``, the result also holds
     ``"confusion"``: the K×K counts of the fused prediction (a CPU long tensor)."""
     model.eval()
+    accel = accel if accel is not None else Accel.from_config(cfg.model, device)
     counts = EvalCounts(device, num_classes=cfg.model.num_classes if confusion else None)
     size = cfg.data.image_size
     for batch in batches:
-        images = center_crop(batch["image"].to(device), size)
-        labels = batch["label"].to(device)
-        out = predict(model, images, theta=cfg.inference.refine_theta,
-                      padding=cfg.inference.refine_padding)
+        images = center_crop(batch["image"].to(device, non_blocking=True), size)
+        labels = batch["label"].to(device, non_blocking=True)
+        with accel.autocast():
+            out = predict(model, accel.inputs(images), theta=cfg.inference.refine_theta,
+                          padding=cfg.inference.refine_padding)
         boxes = {}
         for key in ("object_box", "part_box"):
             if key in batch:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from wsdan import storage
+from wsdan.accel import Accel
 from wsdan.backbones import build_backbone
 from wsdan.config import TrainConfig
 from wsdan.engine import evaluate, train_one_epoch
@@ -105,6 +106,8 @@ def fit_wsdan(
                             num_attentions=m.num_attentions, logit_scale=m.logit_scale,
                             pretrained=m.pretrained, weights=m.weights,
                             sqrt_grad_eps=m.sqrt_grad_eps)
+    accel = Accel.from_config(cfg.model, "cpu")
+    accel.prepare(model)
     bs = cfg.optim.batch_size
     base_lr = scaled_lr(cfg.optim, bs)
     optimizer = build_optimizer(model, cfg.optim, base_lr)
@@ -115,10 +118,10 @@ def fit_wsdan(
         t0 = time.perf_counter()
         metrics = train_one_epoch(model, optimizer, train.batches(bs, generator=gen, drop_last=True),
                                   cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr,
-                                  generator=gen, log=log_fn)
+                                  generator=gen, log=log_fn, accel=accel)
         if val is not None:
-            metrics.update({f"val_{k}": v for k, v in
-                            evaluate(model, val.batches(max(bs, 32)), cfg=cfg).items()})
+            metrics.update({f"val_{k}": v for k, v in evaluate(
+                model, val.batches(max(bs, 32)), cfg=cfg, accel=accel).items()})
         metrics["epoch"] = epoch + 1
         metrics["epoch_time_s"] = time.perf_counter() - t0
         history.append(metrics)
@@ -152,6 +155,8 @@ def fit_plain(
     m = cfg.model
     model = PlainClassifier(build_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights),
                             num_classes)
+    accel = Accel.from_config(cfg.model, "cpu")
+    accel.prepare(model)
     bs = cfg.optim.batch_size
     base_lr = scaled_lr(cfg.optim, bs)
     optimizer = build_optimizer(model, cfg.optim, base_lr)

@@ -89,15 +89,24 @@ class WSDAN(nn.Module):
         return feats, attn
 
     def forward_head(self, feats: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
-        """(F, A) → (logits B×K, part features B×(M·C))."""
-        parts = bilinear_attention_pool(feats, attn, grad_eps=self.sqrt_grad_eps)  # B×(M·C)
-        logits = self.classifier(parts * self.logit_scale)  # B×K
+        """(F, A) → (logits B×K, part features B×(M·C)), always in fp32.
+
+        Under autocast (``model.precision`` bf16/fp16) the backbone and the attention
+        convolution run in half precision, but BAP, the signed square root (whose slope is
+        steep near zero), the L2 normalisation and the classifier run in fp32 here, with
+        autocast off: the part features P, which the feature centres are built from and
+        compared with, are then the fp32 computation on the (half-precision) maps.
+        """
+        with torch.autocast(feats.device.type, enabled=False):
+            parts = bilinear_attention_pool(feats.float(), attn.float(),
+                                            grad_eps=self.sqrt_grad_eps)  # B×(M·C)
+            logits = self.classifier(parts * self.logit_scale)  # B×K
         return logits, parts
 
     def forward(self, x: Tensor) -> WSDANOutput:
         feats, attn = self.forward_features(x)
         logits, parts = self.forward_head(feats, attn)
-        return WSDANOutput(logits, parts, attn)
+        return WSDANOutput(logits, parts, attn.float())
 
 
 def build_model(

@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import DataConfig
 
+from wsdan.accel import Accel
 from wsdan.config import TrainConfig
 from wsdan.engine import evaluate, train_one_epoch
 from wsdan.local import format_epoch
@@ -78,13 +79,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int):
+def _batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
+             pin_memory: bool = False):
     """Torch batches from a Ray Data shard, in the engine's batch format. Training drops the
-    last partial batch, so that every rank takes the same number of DDP steps."""
+    last partial batch, so that every rank takes the same number of DDP steps. On a GPU the
+    batches come in pinned memory (asynchronous host-to-device copies)."""
     from wsdan.data.pipeline import iter_torch
 
     return iter_torch(shard, batch_size, shuffle_buffer=8 * batch_size if train else None,
-                      seed=seed, epoch=epoch, drop_last=train)
+                      seed=seed, epoch=epoch, drop_last=train, pin_memory=pin_memory)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,6 +109,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         sqrt_grad_eps=m.sqrt_grad_eps)
     if m.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    accel = Accel.from_config(m, device)  # precision, memory format, compile (wsdan.accel)
+    accel.prepare(model)
+    pin = device.type == "cuda"
     global_batch = cfg.optim.batch_size * world
     base_lr = scaled_lr(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, base_lr)
@@ -118,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_checkpoint(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        accel.load_state_dict(state.get("accel"))
         start_epoch = int(state["epoch"])
         best = state.get("best")
         rng = state.get("rng", {}).get(str(rank))
@@ -154,9 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = train_one_epoch(
             model, optimizer,
             _batches(train_shard, cfg.optim.batch_size, train=True, seed=cfg.seed * 7919 + rank,
-                     epoch=epoch),
+                     epoch=epoch, pin_memory=pin),
             cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
-            device=device,
+            device=device, accel=accel,
         )
         metrics = reduce_train_metrics(metrics, world, device)
         # Evaluate the plain module, not DDP: ranks hold different numbers of val batches
@@ -164,13 +171,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # BN running statistics are made rank 0's first, so every rank scores one model.
         core = unwrap(model)
         _broadcast_buffers(core, world)
-        val_batches = _batches(val_shard, 64, train=False, seed=0, epoch=0)
+        val_batches = _batches(val_shard, 64, train=False, seed=0, epoch=0, pin_memory=pin)
         if (rank == 0 and figure_batch is None and config.get("figures", True)
                 and logger is not None and logger.active):
             figure_batch = {}
             val_batches = _keep_first(val_batches, FIGURE_IMAGES, figure_batch)
         val = evaluate(core, val_batches, cfg=cfg, device=device, distributed=world > 1,
-                       confusion=True)
+                       confusion=True, accel=accel)
         confusion = val.pop("confusion")  # K×K counts over the whole val split
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["epoch"] = epoch + 1
@@ -194,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(tmp, {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "accel": accel.state_dict(),  # the fp16 gradient scale, if any
                     "epoch": epoch + 1,
                     "best": best,
                     "rng": rng_states,

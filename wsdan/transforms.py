@@ -68,7 +68,7 @@ def train_transform(
         x = (x * f[:, None, None, None]).clamp_(0, 1)
     if saturation > 0:
         f = 1 + saturation * (2 * torch.rand(b, generator=generator, device=dev) - 1)
-        luma = torch.tensor(_LUMA, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
-        gray = (x * luma).sum(dim=1, keepdim=True)
+        # Weights as Python scalars: a tensor of them would be a host-to-device copy.
+        gray = _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
         x = (gray + f[:, None, None, None] * (x - gray)).clamp_(0, 1)
     return x

@@ -671,6 +671,7 @@ def iter_torch(
     drop_last: bool = False,
     prefetch_batches: int = 2,
     with_ids: bool = False,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Batches for ``wsdan.engine``: ``image`` uint8 B×3×R×R, ``label`` int64 B,
     ``object_box`` / ``part_box`` float32 B×4 (and ``image_id``, a list of str, with
@@ -685,6 +686,10 @@ def iter_torch(
     seeded from ``(seed, epoch)``. Both together make the epoch's sequence of images a
     function of the seeds and the epoch for a single consumer; the consumers of a
     ``streaming_split`` share out the blocks in the order they ask for them.
+
+    ``pin_memory``: the tensors are copied into page-locked host memory, so that
+    ``.to("cuda", non_blocking=True)`` is an asynchronous copy that the host does not wait
+    for (from pageable memory it would be a synchronous one). For GPU consumers only.
     """
     if epoch is not None:
         announce_epoch(data, epoch)
@@ -706,6 +711,8 @@ def iter_torch(
             "object_box": _tensor(b["object_box"].astype(np.float32, copy=False)),
             "part_box": _tensor(b["part_box"].astype(np.float32, copy=False)),
         }
+        if pin_memory:
+            out = {k: v.pin_memory() for k, v in out.items()}
         if with_ids:
             out["image_id"] = [str(x) for x in b["image_id"]]
         yield out
