@@ -92,3 +92,48 @@ CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
 def test_shipped_configs_are_valid(path):
     cfg = TrainConfig.from_yaml(path)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# What the paper's recipe (algorithm.md §5) has for the settings the configs may add to it.
+PAPER_OPTIM = {"warmup_epochs": 0.0, "grad_clip_norm": None}
+
+
+def _header(path):
+    """The comment lines before the first YAML key."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return lines
+
+
+def _claims_paper_recipe(path):
+    return "paper" in path.stem or any("paper recipe" in s.lower() for s in _header(path))
+
+
+PAPER_CLAIMS = [p for p in CONFIGS if _claims_paper_recipe(p)]
+
+
+def test_the_four_data_set_configs_claim_the_paper_recipe():
+    # Guards the test below against a header reworded so that it checks nothing.
+    assert {p.name for p in PAPER_CLAIMS} >= {
+        f"{d}_inception_v3_448.yaml" for d in ("cub", "cars", "aircraft", "dogs")}
+
+
+@pytest.mark.parametrize("path", PAPER_CLAIMS, ids=[p.name for p in PAPER_CLAIMS])
+def test_paper_recipe_configs_explain_each_departure_in_their_header(path):
+    """A config that calls itself the paper recipe names, in its header, every setting
+    where it departs from it, with the value it uses, and says why (a comment after it)."""
+    optim = TrainConfig.from_yaml(path).optim
+    header = _header(path)
+    for key, paper in PAPER_OPTIM.items():
+        value = getattr(optim, key)
+        if value == paper:
+            continue
+        lines = [s for s in header if s.startswith(f"optim.{key}:")]
+        assert lines, f"{path.name}: optim.{key}={value} differs from the paper ({paper}) " \
+                      "and the header does not explain it"
+        stated, _, why = lines[0].partition(":")[2].partition(" -- ")
+        assert float(stated) == value, f"{path.name}: header says {stated.strip()}, file {value}"
+        assert len(why.split()) >= 5, f"{path.name}: optim.{key} in the header says no why"
