@@ -181,13 +181,14 @@ def sync_check(args: argparse.Namespace, device: torch.device, base: WSDAN) -> d
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="WS-DAN step speed on one GPU, per precision",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backbone", default="inception_v3")
-    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--backbone", default="inception_v3", help="registered backbone")
+    p.add_argument("--size", type=int, default=448, help="input side in pixels")
     p.add_argument("--batches", default="12,32", help="comma-separated batch sizes")
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
-    p.add_argument("--num-attentions", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--num-attentions", type=int, default=32, help="M, attention maps")
+    p.add_argument("--num-classes", type=int, default=200, help="K, classes")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--budget-s", type=float, default=420.0,

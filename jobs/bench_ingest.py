@@ -45,18 +45,20 @@ from PIL import Image
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-images", type=int, default=2000)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-images", type=int, default=2000, help="images in the generated set")
     p.add_argument("--sizes", default="448,224", help="training sizes; decode to 8/7 of each")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="DataLoader workers = Ray CPUs (default: the machine's cores)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--shard-images", type=int, default=256,
                    help="images per Parquet shard in the many-shard layout")
     p.add_argument("--few-shards", type=int, default=1,
                    help="shard files of the few-shard layout (fewer than --workers)")
-    p.add_argument("--warmup-batches", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup-batches", type=int, default=10,
+                   help="batches before the steady-state clock starts")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each case")
     p.add_argument("--source-size", default="500x375", help="WxH of the stored JPEGs")
     return p
 

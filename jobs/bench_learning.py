@@ -30,12 +30,14 @@ from wsdan.plain import plain_evaluate
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="WS-DAN vs plain fine-tuning on generated data")
-    p.add_argument("--config", default="jobs/configs/synthetic_cpu.yaml")
+    p = argparse.ArgumentParser(description="WS-DAN vs plain fine-tuning on generated data",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/synthetic_cpu.yaml",
+                   help="WS-DAN training config (YAML)")
     p.add_argument("--epochs", type=int, default=None, help="override optim.epochs")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=400)
-    p.add_argument("--n-test", type=int, default=400)
+    p.add_argument("--n-train", type=int, default=2000, help="generated training images")
+    p.add_argument("--n-val", type=int, default=400, help="generated validation images")
+    p.add_argument("--n-test", type=int, default=400, help="generated test images")
     p.add_argument("--num-classes", type=int, default=50,
                    help="K; at K=10 both models saturate (0.995 vs 0.998 test top-1)")
     p.add_argument("--plain-head-lr-mult", type=float, default=1.0,

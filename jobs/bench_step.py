@@ -6,7 +6,7 @@ K=200) it measures, interleaved in one process:
       divided by three train steps of the bare backbone (backbone + GAP + linear) on the
       same batch: ``overhead_vs_3x_backbone`` (target ≤ 1.10);
   (b) our batched attention crop/drop against a per-sample loop with ``.item()`` host syncs
-      (the way public WS-DAN code does it), same semantics: ``augment_speedup_vs_loop``.
+      (the way public WS-DAN code does it), same boxes and masks: ``augment_speedup_vs_loop``.
 
     python -m jobs.bench_step [--backbones resnet18:224,inception_v3:299] [--repeats 5]
 """
@@ -104,13 +104,14 @@ def bench_backbone(name: str, size: int, *, batch: int, repeats: int, m: int, k:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="WS-DAN step overhead and augmentation speed")
+    p = argparse.ArgumentParser(description="WS-DAN step overhead and augmentation speed",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbones", default="resnet18:224,inception_v3:299",
                    help="comma-separated name:size pairs")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--num-attentions", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    p.add_argument("--num-attentions", type=int, default=32, help="M, attention maps")
+    p.add_argument("--num-classes", type=int, default=200, help="K, classes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
 

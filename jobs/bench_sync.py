@@ -125,13 +125,14 @@ def _measure(rank: int, args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="cost of the feature-centre all-reduce per step")
-    p.add_argument("--backbone", default="inception_v3")
-    p.add_argument("--size", type=int, default=299)
+    p = argparse.ArgumentParser(description="cost of the feature-centre all-reduce per step",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", default="inception_v3", help="registered backbone")
+    p.add_argument("--size", type=int, default=299, help="input side in pixels")
     p.add_argument("--batch", type=int, default=4, help="per worker")
     p.add_argument("--steps", type=int, default=4, help="steps of each kind")
-    p.add_argument("--num-attentions", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--num-attentions", type=int, default=32, help="M, attention maps")
+    p.add_argument("--num-classes", type=int, default=200, help="K, classes")
     p.add_argument("--ray-workers", type=int, default=0,
                    help="run as N Ray Train workers on the connected cluster, spread over "
                         "its nodes (0: two local processes)")

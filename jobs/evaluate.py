@@ -17,16 +17,19 @@ from wsdan.config import TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a checkpoint "
                         "folder (local or s3://) written by the training job")
     p.add_argument("--data", required=True, help="prepared data set (local path or s3:// URI)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split of the data set to score")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="log the metrics to a new run of --experiment")
-    p.add_argument("--experiment", default="wsdan-eval")
+    p.add_argument("--experiment", default="wsdan-eval",
+                   help="MLflow experiment for --log-to-mlflow")
     return p
 
 

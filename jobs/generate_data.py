@@ -12,14 +12,15 @@ from wsdan.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dest", required=True, help="output folder")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=400)
-    p.add_argument("--n-test", type=int, default=400)
+    p.add_argument("--num-classes", type=int, default=10, help="number of classes")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same images)")
+    p.add_argument("--n-train", type=int, default=2000, help="training images")
+    p.add_argument("--n-val", type=int, default=400, help="validation images")
+    p.add_argument("--n-test", type=int, default=400, help="test images")
     return p
 
 

@@ -22,7 +22,8 @@ from wsdan.data.shards import MAX_SHARD_MB, prepare_dataset, summarize
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="source layout")
     p.add_argument("--src", required=True, help="the extracted data set: folder or s3:// URI")
     p.add_argument("--dest", required=True, help="output folder or s3://bucket/prefix")

@@ -26,12 +26,14 @@ from wsdan.local import InMemoryData, fit_plain, save_backbone_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="jobs/configs/pretrain_synthetic.yaml")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/pretrain_synthetic.yaml",
+                   help="training config (YAML) of the stand-in pretraining")
     p.add_argument("--out", default=".wsdan/weights/resnet18_layer3_glyphs.pt",
                    help="local path or s3:// URI of the backbone state dict")
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-val", type=int, default=500)
+    p.add_argument("--n-train", type=int, default=4000, help="generated training images")
+    p.add_argument("--n-val", type=int, default=500, help="generated validation images")
     p.add_argument("--data-seed", type=int, default=1000,
                    help="generator seed (the fine-grained set uses 0)")
     p.add_argument("--force", action="store_true", help="retrain even if --out exists")

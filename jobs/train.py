@@ -22,17 +22,21 @@ from wsdan.launcher import JobSpec, preflight
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
     p.add_argument("--name", default=None, help="job name (default: config file stem)")
     p.add_argument("--storage-path", default=os.environ.get("WSDAN_STORAGE_PATH", ".wsdan/runs"),
                    help="checkpoints: local folder or s3://bucket/prefix")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="Ray Train workers (DDP ranks); one GPU each with --use-gpu")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group failures survived by restarting from the last checkpoint")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="checkpoints kept (the latest ones)")
     p.add_argument("--register-as", default=None, help="registered model name in MLflow")
-    p.add_argument("--experiment", default="wsdan")
+    p.add_argument("--experiment", default="wsdan", help="MLflow experiment of the run")
     p.add_argument("--placement", default="PACK",
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="where Ray puts the training workers: PACK (fewest nodes) or SPREAD "

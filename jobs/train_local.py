@@ -24,11 +24,13 @@ from wsdan.local import fit_wsdan, load_synthetic
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="jobs/configs/synthetic_cpu.yaml")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=400)
-    p.add_argument("--n-test", type=int, default=400)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/synthetic_cpu.yaml",
+                   help="training config (YAML)")
+    p.add_argument("--n-train", type=int, default=2000, help="generated training images")
+    p.add_argument("--n-val", type=int, default=400, help="generated validation images")
+    p.add_argument("--n-test", type=int, default=400, help="generated test images")
     p.add_argument("--checkpoint", default=".wsdan/checkpoints/synthetic_cpu.pt",
                    help="where to save the final model (local path or s3:// URI)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")

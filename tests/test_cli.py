@@ -34,3 +34,112 @@ def test_subcommand_help_is_the_jobs_own(capsys):
         main(["pretrain", "--help"])
     assert e.value.code == 0
     assert "wsdan pretrain" in capsys.readouterr().out
+
+
+def _walk(parser, name):
+    """(command, option) pairs of a parser and its sub-parsers that have no help text."""
+    import argparse
+
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                missing += _walk(sub, f"{name} {sub_name}")
+            continue
+        if not action.help or action.help == argparse.SUPPRESS:
+            missing.append((name, "/".join(action.option_strings) or action.dest))
+    return missing
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    import argparse
+    import importlib
+
+    missing, plain = [], []
+    for name, (module, _) in COMMANDS.items():
+        parser = importlib.import_module(module).get_args_parser()
+        missing += _walk(parser, name)
+        if not issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+            plain.append(name)
+    assert not missing, f"options without help: {missing}"
+    assert not plain, f"commands whose --help does not show defaults: {plain}"
+
+
+def test_readme_commands_exist():
+    """Every `wsdan X` and `python -m M` the README and BENCHMARKS show is a real command or
+    module (the CLI's table is what `wsdan --help` lists)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text() + (root / "BENCHMARKS.md").read_text()
+    modules = set(re.findall(r"python -m ((?:jobs|tuning|wsdan)\.[a-z_]+)", text))
+    assert {m for m, _ in COMMANDS.values()} >= {m for m in modules if m.startswith("jobs.")}
+    for m in modules:
+        assert importlib.util.find_spec(m) is not None, m
+    first_words = {n.split()[0] for n in COMMANDS}
+    shown = set(re.findall(r"(?:`|bin/|^\s*)wsdan ([a-z][a-z-]*)", text, flags=re.MULTILINE))
+    assert shown, "the README shows no wsdan command?"
+    assert shown <= first_words | {"data"}, shown - first_words
+
+
+def test_data_help_lists_its_subcommands(capsys):
+    assert main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "prepare" in out and "generate" in out
+
+
+def test_serve_builds_a_loopback_mlflow_command(capsys, monkeypatch):
+    from wsdan.config import ConfigError
+    from wsdan.serving import model_uri
+
+    assert model_uri("cub") == "models:/cub@champion"
+    assert model_uri("cub@staging") == "models:/cub@staging"
+    assert model_uri("cub/3") == "models:/cub/3"
+    assert model_uri("models:/cub/3") == "models:/cub/3"
+    with pytest.raises(ConfigError, match="NAME@ALIAS"):
+        model_uri("a@@b")
+    assert main(["serve", "cub", "--dry-run"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[1:5] == ["models", "serve", "-m", "models:/cub@champion"]
+    assert cmd[cmd.index("-h") + 1] == "127.0.0.1" and cmd[cmd.index("-p") + 1] == "5001"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["serve", "cub"]) == 2  # no tracking server named: a clear error, no server
+    assert "MLFLOW_TRACKING_URI is not set" in capsys.readouterr().err
+
+
+def test_stack_logs_shows_and_follows_a_service_log(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from wsdan.stack import log_files, stack_paths
+
+    monkeypatch.setenv("WSDAN_STACK_DIR", str(tmp_path / "stack"))
+    files = log_files(stack_paths())
+    assert set(files) == {"s3", "mlflow", "ray"}
+    files["s3"].parent.mkdir(parents=True, exist_ok=True)
+    files["s3"].write_text("".join(f"line {i}\n" for i in range(100)))
+    env = {**os.environ, "WSDAN_STACK_DIR": str(tmp_path / "stack")}
+    out = subprocess.run([sys.executable, "-m", "wsdan.cli", "stack", "logs", "s3", "-n", "3"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[1:] == ["line 97", "line 98", "line 99"]
+    everything = subprocess.run([sys.executable, "-m", "wsdan.cli", "stack", "logs"], env=env,
+                                capture_output=True, text=True, check=True).stdout
+    assert "==> mlflow:" in everything and "no log yet" in everything
+    follow = subprocess.Popen([sys.executable, "-m", "wsdan.cli", "stack", "logs", "s3", "-f",
+                               "-n", "1"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout.readline().startswith("==> s3:")
+        assert follow.stdout.readline() == "line 99\n"
+        time.sleep(0.5)
+        with open(files["s3"], "a") as f:
+            f.write("appended later\n")
+        assert follow.stdout.readline() == "appended later\n"
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)

@@ -33,7 +33,8 @@ TRAINABLE_CPU = 0.01
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="sweep YAML (tuning/configs/*.yaml)")
     what.add_argument("--resume", metavar="NAME", help="resume the sweep NAME under --storage-path")

@@ -1,7 +1,9 @@
 """The ``wsdan`` command line: one entry point for the project's jobs.
 
-Each sub-command forwards its arguments to the job module's own parser, so
-``wsdan pretrain --help`` and ``python -m jobs.pretrain --help`` say the same.
+Each sub-command forwards its arguments to its module's own parser, so ``wsdan pretrain
+--help`` and ``python -m jobs.pretrain --help`` say the same: every command is also
+``python -m MODULE`` with the module listed in ``COMMANDS`` (``wsdan data prepare`` is
+``python -m jobs.prepare_data``, ``wsdan tune`` is ``python -m tuning.sweep``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "stack": ("wsdan.stack", "start/stop/inspect the local stack (S3, MLflow, Ray head)"),
+    "stack": ("wsdan.stack", "the local stack (S3, MLflow, Ray head): up, down, status, env, "
+                             "runtime-env, logs"),
     "data prepare": ("jobs.prepare_data", "convert a data set to Parquet shards (local or s3://)"),
     "data generate": ("jobs.generate_data", "write the generated fine-grained data set"),
     "train": ("jobs.train", "the distributed training job (Ray Train, MLflow)"),
     "tune": ("tuning.sweep", "Ray Tune sweep over M, β, thresholds and lr, logged to MLflow"),
     "evaluate": ("jobs.evaluate", "evaluate a registered model or checkpoint on a split"),
+    "serve": ("wsdan.serving", "serve a registered model over HTTP (mlflow models serve, "
+                               "on 127.0.0.1)"),
     "pretrain": ("jobs.pretrain", "pretrain the stand-in backbone on the generated glyph task"),
     "train-local": ("jobs.train_local", "train WS-DAN in one process on the generated data set"),
     "bench-step": ("jobs.bench_step", "benchmark one training step against the backbone"),
     "bench-learning": ("jobs.bench_learning", "WS-DAN vs plain fine-tuning on generated data"),
+    "bench-ingest": ("jobs.bench_ingest", "benchmark the Ray Data read-and-decode pipeline"),
+    "bench-sync": ("jobs.bench_sync", "benchmark the feature-centre all-reduce per step"),
+    "bench-gpu": ("jobs.bench_gpu", "the step on one GPU: precisions, memory, sync check"),
 }
 
 
@@ -47,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "data" and rest and not rest[0].startswith("-"):
         command, rest = f"data {rest[0]}", rest[1:]
+    elif command == "data":  # `wsdan data`, `wsdan data --help`: its sub-commands
+        print("usage: wsdan data {prepare,generate} ...\n")
+        for name, (_, text) in COMMANDS.items():
+            if name.startswith("data "):
+                print(f"  {name[5:]:<10}{text}")
+        return 0 if not rest or rest[0] in ("-h", "--help") else 2
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
     module = importlib.import_module(COMMANDS[command][0])

@@ -1,6 +1,6 @@
 """The local stack on loopback: S3 server (SeaweedFS), MLflow server, Ray head.
 
-``wsdan stack up|down|status|env|runtime-env``. State lives under ``.wsdan/stack`` (override with
+``wsdan stack up|down|status|env|runtime-env|logs``. State lives under ``.wsdan/stack`` (override with
 ``WSDAN_STACK_DIR``): data, logs, pid files, and — only when none are given in the
 environment — generated S3 credentials in a 0600 file, so that ``up`` in one shell and
 ``down`` in another find the same services. Ports come from ``WSDAN_*_PORT`` variables.
@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsdan.config import ConfigError
 from wsdan.services import S3Server, S3ServerConfig, generate_credentials
 from wsdan.services.ray_head import RayHead, RayHeadConfig, without_job_settings
 
@@ -153,17 +154,72 @@ def status(paths: StackPaths) -> dict:
             "ray": ray_head(paths).status()}
 
 
+def log_files(paths: StackPaths) -> dict[str, Path]:
+    """Each service's log: the S3 server's and the MLflow server's whole output, and the Ray
+    head's start output (its own logs are under the session folder beside it)."""
+    s3 = s3_server(paths)
+    return {"s3": s3.config.server_log, "mlflow": mlflow_server(paths, s3).config.server_log,
+            "ray": ray_head(paths).config.temp_dir / "ray-start.log"}
+
+
+def show_logs(paths: StackPaths, service: str | None, *, lines: int = 40,
+              follow: bool = False, out=None, poll_s: float = 0.5) -> None:
+    """Print the last ``lines`` lines of a service's log (every service's, when ``service``
+    is None); with ``follow``, keep printing what is appended until interrupted."""
+    import sys
+    import time
+
+    out = out or sys.stdout
+    files = log_files(paths)
+    names = [service] if service else list(files)
+    for name in names:
+        path = files[name]
+        header = f"==> {name}: {path} <=="
+        if not path.exists():
+            print(f"{header}\n(no log yet: the service has not been started here)", file=out)
+            continue
+        text = path.read_text(errors="replace").splitlines()
+        print(header, *text[-lines:], sep="\n", file=out)
+        if name == "ray":
+            print(f"(Ray's own logs: {path.parent / 'session_latest' / 'logs'})", file=out)
+    if not follow:
+        return
+    if len(names) != 1 or not files[names[0]].exists():
+        raise ConfigError("--follow needs one service whose log exists (s3, mlflow or ray)")
+    with open(files[names[0]], errors="replace") as f:
+        f.seek(0, 2)
+        try:
+            while True:
+                chunk = f.read()
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    time.sleep(poll_s)
+        except KeyboardInterrupt:
+            pass
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="The local stack on loopback: S3, MLflow, Ray head")
-    p.add_argument("action", choices=["up", "down", "status", "env", "runtime-env"],
-                   help="env: exports for your shell; runtime-env: the JSON for `ray job "
-                        "submit --runtime-env-json`")
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--no-ray", action="store_true")
+    p = argparse.ArgumentParser(description="The local stack on loopback: S3, MLflow, Ray head",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", choices=["up", "down", "status", "env", "runtime-env", "logs"],
+                   help="up/down: start/stop the services; status: their state as JSON; "
+                        "env: exports for your shell; runtime-env: the JSON for `ray job "
+                        "submit --runtime-env-json`; logs: a service's log")
+    p.add_argument("service", nargs="?", choices=["s3", "mlflow", "ray"],
+                   help="with logs: the service (default: all)")
+    p.add_argument("--lines", "-n", type=int, default=40, help="with logs: lines to show")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="with logs: keep printing what the service appends (Ctrl-C stops)")
+    p.add_argument("--no-mlflow", action="store_true", help="with up: no MLflow server")
+    p.add_argument("--no-ray", action="store_true", help="with up: no Ray head")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.service and args.action != "logs":
+        raise ConfigError(f"a service ({args.service}) is only taken by `wsdan stack logs`")
     paths = stack_paths()
     if args.action == "up":
         info = up(paths, with_mlflow=not args.no_mlflow, with_ray=not args.no_ray)
@@ -177,6 +233,8 @@ def main(args: argparse.Namespace) -> None:
         print(json.dumps(status(paths), indent=2, default=str))
     elif args.action == "runtime-env":
         print(json.dumps(job_runtime_env(paths)))
+    elif args.action == "logs":
+        show_logs(paths, args.service, lines=args.lines, follow=args.follow)
     else:  # env: for `eval "$(wsdan stack env)"`, on the user's own terminal
         for k, v in client_env(paths).items():
             print(f"export {k}={v}")

@@ -1,0 +1,90 @@
+"""``wsdan serve NAME[@ALIAS|/VERSION]``: serve a registered model over HTTP on loopback.
+
+A thin wrapper of ``mlflow models serve`` with the project's defaults: the model comes from
+the registry of ``MLFLOW_TRACKING_URI`` (``@champion`` unless an alias or version is
+given), the server binds 127.0.0.1, and the model runs in this environment
+(``--env-manager local``: the project is installed here already). Requests are the
+pyfunc model's (``wsdan.tracking.pyfunc``): a JSON ``dataframe_split`` with an ``image``
+column of base64-encoded files.
+
+    eval "$(wsdan stack env)"          # the local stack's tracking server and S3
+    wsdan serve synthetic-wsdan        # models:/synthetic-wsdan@champion on 127.0.0.1:5001
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+
+from wsdan.config import ConfigError
+
+_NAME = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))?$")
+
+
+def model_uri(spec: str, default_alias: str = "champion") -> str:
+    """``NAME`` → ``models:/NAME@champion``; ``NAME@ALIAS`` and ``NAME/VERSION`` as given;
+    a ``models:/``, ``runs:/`` or ``s3://`` URI is passed through."""
+    if re.match(r"^[a-z][a-z0-9+]*:/", spec):
+        return spec
+    m = _NAME.match(spec)
+    if not m:
+        raise ConfigError(f"model {spec!r}: expected NAME, NAME@ALIAS, NAME/VERSION or a "
+                          "models:/ URI")
+    if m["version"]:
+        return f"models:/{m['name']}/{m['version']}"
+    return f"models:/{m['name']}@{m['alias'] or default_alias}"
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The ``mlflow models serve`` command line for ``args``."""
+    mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow, "models", "serve", "-m", model_uri(args.model), "--env-manager",
+           args.env_manager, "-h", args.host, "-p", str(args.port), "-w", str(args.workers)]
+    if args.timeout is not None:
+        cmd += ["-t", str(args.timeout)]
+    return cmd
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Serve a registered model with `mlflow models serve`, on loopback by "
+                    "default. Needs MLFLOW_TRACKING_URI (and the S3 variables) pointing at "
+                    "the tracking server: eval \"$(wsdan stack env)\" for the local stack.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="NAME (its @champion), NAME@ALIAS, NAME/VERSION or a "
+                                 "models:/ URI")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes the model to the network)")
+    p.add_argument("--port", type=int, default=5001, help="port to bind")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes")
+    p.add_argument("--timeout", type=int, default=None,
+                   help="request timeout in seconds (MLflow's default when unset)")
+    p.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv"],
+                   help="where the model runs: this environment, or one MLflow builds from "
+                        "the model's requirements")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command instead of running it")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    cmd = serve_command(args)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not args.model.startswith(("s3:", "runs:")):
+        raise ConfigError("MLFLOW_TRACKING_URI is not set: point it at the tracking server "
+                          "that holds the registry (for the local stack: "
+                          "eval \"$(wsdan stack env)\")")
+    print(f"[wsdan] serving {model_uri(args.model)} on http://{args.host}:{args.port} "
+          "(POST /invocations; Ctrl-C stops)", flush=True)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))
