@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from wsdan.config import TrainConfig
+from wsdan.config import ConfigError, TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,13 +69,15 @@ def main(args: argparse.Namespace) -> dict:
     from wsdan.engine import evaluate
     from wsdan.launcher import check_data
 
+    manifest = read_manifest(args.data)  # before the model: a wrong split fails at once
+    have = {k: n for k, n in (manifest.get("counts") or {}).items() if n}
+    if args.split not in have:
+        raise ConfigError(f"--split {args.split}: {args.data} has no {args.split!r} images; "
+                          f"its splits: {', '.join(f'{k} ({n})' for k, n in have.items()) or 'none'}")
     model, cfg = load_model(args.model)
-    manifest = read_manifest(args.data)
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"],
                                                             "source": args.data}})
     check_data(cfg, {**manifest, "counts": {"train": 1, "val": 1}})  # class count only
-    if not manifest["counts"].get(args.split):
-        raise SystemExit(f"{args.data} has no {args.split!r} images")
     from wsdan.cluster import connect
 
     connect()
@@ -103,4 +105,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))

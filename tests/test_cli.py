@@ -143,3 +143,16 @@ def test_stack_logs_shows_and_follows_a_service_log(tmp_path, monkeypatch):
     finally:
         follow.terminate()
         follow.wait(timeout=10)
+
+
+def test_evaluate_names_the_splits_a_data_set_has(tmp_path, capsys):
+    from wsdan.data.pipeline import FORMAT_VERSION
+
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "classes": ["a", "b"], "num_classes": 2,
+        "counts": {"train": 5, "val": 2, "test": 0}, "shards": {}}))
+    # The split is checked before the model is loaded: no model needed for the error.
+    assert main(["evaluate", "--model", "models:/nothing@champion", "--data",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'test' images" in err and "its splits: train (5), val (2)" in err
