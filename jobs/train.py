@@ -60,6 +60,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from wsdan.cluster import connect
     from wsdan.launcher import check_cluster, log_final_figures, record_job, run_job
+    from wsdan.tracking.card import log_run_provenance
     from wsdan.tracking.runs import log_config, resolve_tracking_uri, setup_experiment
 
     # 2. The cluster: no node-local paths on several nodes, room for the workers.
@@ -77,6 +78,7 @@ def main(args: argparse.Namespace) -> dict:
             log_config(cfg)
             mlflow.log_params({"job.num_workers": spec.num_workers, "job.name": spec.name})
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            log_run_provenance(cfg.data.source, manifest)  # git commit, dataset inputs
             record_job(cfg, spec, run_id=run.info.run_id, tracking_uri=tracking_uri)
         else:
             mlflow.set_tag("wsdan.resumed", "true")
@@ -87,7 +89,8 @@ def main(args: argparse.Namespace) -> dict:
         log_final_figures(job.state, job.class_names)
         summary = {"run_id": run.info.run_id, **job.summary()}
         if args.register_as:
-            summary.update(_register(job.model, cfg, manifest, job.metrics, args.register_as))
+            summary.update(_register(job.model, cfg, manifest, job.metrics, args.register_as,
+                                     run_id=run.info.run_id))
     print(json.dumps(summary))
     return summary
 
@@ -113,12 +116,15 @@ def _resumable_run(resumed: dict | None, tracking_uri: str, experiment_id: str) 
     return run.info.run_id
 
 
-def _register(model, cfg: TrainConfig, manifest: dict, metrics: dict, name: str) -> dict:
+def _register(model, cfg: TrainConfig, manifest: dict, metrics: dict, name: str, *,
+              run_id: str) -> dict:
+    from wsdan.tracking.card import apply_card, model_card
     from wsdan.tracking.pyfunc import log_wsdan_model
     from wsdan.tracking.registry import register_if_better
 
     info = log_wsdan_model(model, cfg, list(manifest["classes"]), name="model")
     reg = register_if_better(info.model_uri, name, "val_fused_top1", metrics["val_fused_top1"])
+    apply_card(name, reg.version, *model_card(cfg, manifest, metrics, run_id=run_id))
     print(f"registered {name} version {reg.version}: "
           + ("now @champion" if reg.became_champion else f"not champion ({reg.reason})"))
     return {"registered_version": int(reg.version), "champion": reg.became_champion}
