@@ -94,7 +94,7 @@ def test_shipped_configs_are_valid(path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-# What the paper's recipe (algorithm.md §5) has for the settings the configs may add to it.
+# What the paper's recipe (docs/algorithm.md §5) has for the settings the configs may add to it.
 PAPER_OPTIM = {"warmup_epochs": 0.0, "grad_clip_norm": None}
 
 

@@ -1,4 +1,4 @@
-"""Attention-guided data augmentation for a whole batch (algorithm.md §3).
+"""Attention-guided data augmentation for a whole batch (docs/algorithm.md §3).
 
 Everything is batched tensor code: no per-sample Python loop and no host sync (no
 ``.item()``, ``.tolist()`` or data-dependent Python branching), and every random draw takes
@@ -30,7 +30,7 @@ class AugmentedBatch(NamedTuple):
 def sample_attention_indices(
     attentions: Tensor, num_samples: int, generator: torch.Generator | None, eps: float = 1e-12
 ) -> Tensor:
-    """Draw map indices per image with weights ∝ sqrt(mean_hw A_k + eps) (algorithm.md §3.1).
+    """Draw map indices per image with weights ∝ sqrt(mean_hw A_k + eps) (docs/algorithm.md §3.1).
 
     Inverse-CDF sampling (uniforms looked up in the cumulative weights with
     ``searchsorted``) rather than ``torch.multinomial``, whose CUDA path validates its input
@@ -126,7 +126,7 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Ten
 def attention_crop(
     images: Tensor, maps: Tensor, theta: Tensor, padding: float = 0.1
 ) -> tuple[Tensor, Tensor]:
-    """Attention cropping (algorithm.md §3.2).
+    """Attention cropping (docs/algorithm.md §3.2).
 
     Args:
         images: B×3×H×W. maps: B×h×w, one attention map per image. theta: B thresholds.
@@ -140,7 +140,7 @@ def attention_crop(
 
 
 def attention_drop(images: Tensor, maps: Tensor, theta: Tensor, fill: Tensor | None = None) -> Tensor:
-    """Attention dropping (algorithm.md §3.3): erase pixels where Â ≥ θ·max(Â).
+    """Attention dropping (docs/algorithm.md §3.3): erase pixels where Â ≥ θ·max(Â).
 
     ``fill`` (3 values) is what erased pixels become; the model's normalisation mean makes
     them zero after normalisation, as in the public codes, which drop normalised input.

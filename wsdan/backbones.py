@@ -38,7 +38,7 @@ Inception (all expect [−1, 1] input). It is wrong for Inception weights traine
 normalisation and ``transform_input=False`` (e.g. timm's ``inception_v3.gluon_in1k``): call
 :meth:`Backbone.set_normalization` with ImageNet mean/std for those. (The reference PyTorch
 WS-DAN builds Inception's features without ``transform_input`` and feeds ImageNet-normalised
-input: wrongly scaled by ~2×, algorithm.md §1.)
+input: wrongly scaled by ~2×, docs/algorithm.md §1.1.)
 """
 
 from __future__ import annotations

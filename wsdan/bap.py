@@ -2,7 +2,7 @@
 
 Part features P[b, m, c] = (1/HW) Σ_hw A[b,m,h,w] · F[b,c,h,w], flattened m-major to
 B×(M·C), followed by a signed square root and L2 normalisation over the whole vector (the
-paper omits both; both public codes have them; see algorithm.md §1.3).
+paper omits both; both public codes have them; see docs/algorithm.md §1.3).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 SQRT_EPS = 1e-12
 #: Epsilon used only in the *backward* of the signed square root. The true derivative
 #: 1/(2·sqrt(|x| + 1e-12)) reaches 5·10⁵ near zero, and with the ×100 logit scale a fresh
-#: attention head then blows up SGD (algorithm.md §1.3). Using 1/(2·sqrt(|x| + 1e-4)) caps
+#: attention head then blows up SGD (docs/algorithm.md §1.3). Using 1/(2·sqrt(|x| + 1e-4)) caps
 #: the local gradient at 50 and is exact (to 1 %) once |x| > 5e-3, i.e. for every feature
 #: that carries signal; the forward value is untouched.
 SQRT_GRAD_EPS = 1e-4

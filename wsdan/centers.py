@@ -1,4 +1,4 @@
-"""Feature centres and the attention regularisation loss (algorithm.md §2).
+"""Feature centres and the attention regularisation loss (docs/algorithm.md §2).
 
 The centres are a K×(M·C) buffer of the model (``WSDAN.feature_centers``), so ``state_dict``
 carries them into checkpoints. They change only through :func:`update_centers_`, which is
@@ -21,7 +21,7 @@ def normalized_targets(centers: Tensor, labels: Tensor) -> Tensor:
 
 
 def center_loss(features: Tensor, centers: Tensor, labels: Tensor) -> Tensor:
-    """L_A = (1/B) Σ_i ||P_i − ĉ_i||² with the pre-update centres (algorithm.md §2).
+    """L_A = (1/B) Σ_i ||P_i − ĉ_i||² with the pre-update centres (docs/algorithm.md §2).
 
     Args:
         features: P, B×(M·C) part features (with grad).
@@ -68,7 +68,7 @@ def update_centers_(
         centers: K×(M·C) buffer, updated in place.
         features: P, B×(M·C) local part features (detached here).
         labels: B local class indices.
-        beta: centre learning rate β (algorithm.md §2: 0.05).
+        beta: centre learning rate β (docs/algorithm.md §2: 0.05).
         group: process group; default the world group when distributed is initialised.
         sync: False skips the collective (ranks then diverge: for measurements only).
     """

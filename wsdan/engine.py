@@ -106,7 +106,7 @@ def evaluate(
     confusion: bool = False,
     accel: Accel | None = None,
 ) -> dict[str, Any]:
-    """Refined evaluation (algorithm.md §4): raw/crop/fused top-1/top-5 and, where boxes
+    """Refined evaluation (docs/algorithm.md §4): raw/crop/fused top-1/top-5 and, where boxes
     exist, refinement-box IoU and attention-peak hit rates. With ``distributed``, counts
     are summed over ranks before dividing. With ``confusion``, the result also holds
     ``"confusion"``: the K×K counts of the fused prediction (a CPU long tensor)."""

@@ -1,4 +1,4 @@
-"""Inference with object localisation and refinement (algorithm.md §4).
+"""Inference with object localisation and refinement (docs/algorithm.md §4).
 
 A_mean = mean_k A_k → box where the upsampled A_mean ≥ θ·max (θ = 0.1), padded by 5 % →
 crop and resize → second pass → prediction = (logits_raw + logits_crop) / 2.

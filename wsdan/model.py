@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from wsdan.backbones import Backbone, build_backbone
 from wsdan.bap import SQRT_GRAD_EPS, bilinear_attention_pool
 
-#: Logit temperature for the L2-normalised part features (algorithm.md §1.4). With a unit
+#: Logit temperature for the L2-normalised part features (docs/algorithm.md §1.4). With a unit
 #: norm input and a plain linear layer the logits would be tiny and the softmax almost
 #: flat; the public codes multiply by 100, and removing it stalls training.
 LOGIT_SCALE = 100.0
@@ -39,7 +39,7 @@ class WSDAN(nn.Module):
             unbounded derivative; see ``wsdan.bap.SQRT_GRAD_EPS``).
 
     Buffers:
-        feature_centers: K×(M·C) class feature centres (algorithm.md §2), zeros at start,
+        feature_centers: K×(M·C) class feature centres (docs/algorithm.md §2), zeros at start,
             saved in ``state_dict``, changed only by ``wsdan.centers.update_centers_``.
     """
 
@@ -64,7 +64,7 @@ class WSDAN(nn.Module):
         self.sqrt_grad_eps = sqrt_grad_eps
         c = backbone.out_channels
         self.num_features = num_attentions * c
-        # A = ReLU(BN(Conv1×1(F))): non-negative by construction (algorithm.md §1.2).
+        # A = ReLU(BN(Conv1×1(F))): non-negative by construction (docs/algorithm.md §1.2).
         self.attention = nn.Sequential(
             nn.Conv2d(c, num_attentions, kernel_size=1, bias=False),
             nn.BatchNorm2d(num_attentions, eps=1e-3),

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the training recipe (algorithm.md §5).
+"""Optimiser and learning-rate schedule of the training recipe (docs/algorithm.md §5).
 
 SGD with momentum; the new layers (attention conv, classifier) get ``head_lr_mult`` times
 the backbone's rate; StepLR (×γ every ``lr_step_epochs``) after an optional linear warm-up;

@@ -1,4 +1,4 @@
-"""One WS-DAN training step (algorithm.md §2-3), shared by the single-process loop and the
+"""One WS-DAN training step (docs/algorithm.md §2-3), shared by the single-process loop and the
 Ray Train workers.
 
 raw pass → L_A with the pre-update centres → centre update (all-reduced when distributed)

@@ -1,4 +1,4 @@
-"""Batched image transforms of the training recipe (algorithm.md §5), as tensor code.
+"""Batched image transforms of the training recipe (docs/algorithm.md §5), as tensor code.
 
 Input: uint8 B×3×R×R images already resized to ``resize_size``. Output: float B×3×S×S in
 [0, 1] (the model normalises itself). Train: random crop S, horizontal flip, brightness

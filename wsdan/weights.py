@@ -5,7 +5,7 @@ A :class:`~wsdan.backbones.Backbone` keeps torchvision's sub-module names, so a 
 maps onto it key for key: the prefix rule is the identity, and keys of layers the extractor
 does not use (classifier, later stages, ``AuxLogits``) are ignored and reported. Loading is
 strict otherwise (see :func:`load_backbone_weights`): the public codes' silent
-``load_state_dict`` that drops mismatched weights is a known defect (algorithm.md §7).
+``load_state_dict`` that drops mismatched weights is a known defect (docs/algorithm.md §7).
 
 Pretrained weights are never downloaded: :func:`hub_cache_path` says where torch hub would
 have cached torchvision's default weights for an architecture, and the caller copies the file

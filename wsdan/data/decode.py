@@ -10,7 +10,7 @@ not clipped) and images with alpha (composited over white). The image is resized
 square ``size``×``size`` (bilinear; PIL's resampling filters widen with the scale factor,
 i.e. they are antialiased, like ``F.interpolate(..., antialias=True)`` in
 ``wsdan.transforms``). The aspect ratio is not kept, as in the reference recipe's
-``Resize((512, 512))`` (algorithm.md §5). EXIF orientation is ignored: box annotations of
+``Resize((512, 512))`` (docs/algorithm.md §5). EXIF orientation is ignored: box annotations of
 the public data sets are in stored-pixel coordinates, so the network learns stored pixels.
 
 The served model (``wsdan.tracking.pyfunc``) decodes with these same functions — `decode` for

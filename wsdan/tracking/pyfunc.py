@@ -1,4 +1,4 @@
-"""WS-DAN as an MLflow ``pyfunc`` model: refined prediction (algorithm.md §4) from image bytes.
+"""WS-DAN as an MLflow ``pyfunc`` model: refined prediction (docs/algorithm.md §4) from image bytes.
 
 The logged model holds no pickled network. Its artifacts are
 
