@@ -3,7 +3,9 @@
 Plain dicts are what Ray Tune's ``param_space``, MLflow params and the YAML files under
 ``jobs/configs`` exchange. Every value is validated when the dataclass is built, and an
 unknown key is an error naming the key: a typo never silently falls back to a default.
-Defaults follow the paper and public codes (algorithm.md §5) unless a comment says why not.
+Defaults follow the paper and public codes (docs/algorithm.md §5) unless a comment says why
+not. The trailing comment of each field is its meaning in the configuration reference of
+docs/operations.md (``python -m jobs.config_reference`` writes it; every field needs one).
 """
 
 from __future__ import annotations
@@ -34,23 +36,23 @@ def _unit_open(name: str, value: float) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "inception_v3"  # Inception-v3 cut at Mixed_6e: the paper's setting
-    num_classes: int = 200
+    num_classes: int = 200  # K; must equal the prepared data set's class count
     num_attentions: int = 32  # M: accuracy rises with M and saturates at 32 (paper)
     logit_scale: float = 100.0  # fixed temperature of the L2-normalised features
     pretrained: bool = False  # torchvision weights from the local TORCH_HOME cache
     weights: str | None = None  # backbone state dict: local path or s3:// URI
     # Backward epsilon of the signed square root; None = exact, unbounded derivative.
-    sqrt_grad_eps: float | None = 1e-4
+    sqrt_grad_eps: float | None = 1e-4  # signed-sqrt backward epsilon; null = exact
     # SyncBatchNorm across workers: BN then sees the global batch, as one process would
     # (small per-GPU batches, e.g. the recipe's 12, give noisy BN statistics otherwise).
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = False  # SyncBatchNorm across workers (needs --use-gpu)
     # How the step runs on its device (wsdan.accel): autocast precision (auto = bf16 on a
     # GPU with bf16, fp32 elsewhere; BAP, the head and the centres stay fp32 always),
     # NHWC memory format (null = on with CUDA), torch.compile, cuDNN autotuning.
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool | None = None
-    compile: bool = False
-    cudnn_benchmark: bool = True
+    precision: str = "auto"  # autocast: auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU with it)
+    channels_last: bool | None = None  # NHWC weights and inputs; null = on with CUDA
+    compile: bool = False  # torch.compile the model (in place: same state-dict keys)
+    cudnn_benchmark: bool = True  # let cuDNN autotune convolutions for the fixed input size
 
     def __post_init__(self) -> None:
         from wsdan.accel import PRECISIONS
@@ -74,13 +76,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     crop_theta_low: float = 0.4  # θc ~ U(low, high) per image; paper: 0.5
-    crop_theta_high: float = 0.6
+    crop_theta_high: float = 0.6  # upper end of θc's range
     drop_theta_low: float = 0.2  # θd ~ U(low, high) per image; paper: 0.5
-    drop_theta_high: float = 0.5
+    drop_theta_high: float = 0.5  # upper end of θd's range
     crop_padding: float = 0.1  # box padding, fraction of H and W on each side
     # Run crop and drop images as one 2B batch: faster, but BN sees one mixed batch;
-    # off until shown equal in accuracy (algorithm.md §3.4).
-    fuse_crop_drop: bool = False
+    # off until shown equal in accuracy (docs/algorithm.md §3.4).
+    fuse_crop_drop: bool = False  # crop and drop passes as one 2B batch (speed option)
 
     def __post_init__(self) -> None:
         for name in ("crop_theta_low", "crop_theta_high", "drop_theta_low", "drop_theta_high"):
@@ -95,20 +97,20 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int = 80
-    batch_size: int = 12  # per worker
+    epochs: int = 80  # training epochs (80-160 in the paper and the public codes)
+    batch_size: int = 12  # images per worker per step
     lr: float = 1e-3  # for base_batch_size images per step; scaled by lr_scaling
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-5  # SGD weight decay (L2), every parameter
     # Learning-rate multiplier of the new layers (attention conv, classifier) relative to
-    # the backbone; < 1 tames the fresh head (algorithm.md §1.3).
-    head_lr_mult: float = 1.0
-    grad_clip_norm: float | None = None  # clip the global gradient norm; None = off
+    # the backbone; < 1 tames the fresh head (docs/algorithm.md §1.3).
+    head_lr_mult: float = 1.0  # lr of attention conv and classifier = lr × this
+    grad_clip_norm: float | None = None  # clip the global gradient norm; None (null) = off
     lr_step_epochs: int = 2  # StepLR: ×lr_gamma every lr_step_epochs epochs
-    lr_gamma: float = 0.9
+    lr_gamma: float = 0.9  # StepLR decay factor
     warmup_epochs: float = 0.0  # linear warm-up from 0 (fractions allowed)
     lr_scaling: str = "linear"  # "linear": lr × global_batch / base_batch_size; "none"
-    base_batch_size: int = 12
+    base_batch_size: int = 12  # global batch that lr is given for (linear scaling)
     center_beta: float = 0.05  # β, feature-centre update rate
     center_weight: float = 1.0  # λ, weight of the attention regularisation loss
 
@@ -137,10 +139,10 @@ class OptimConfig:
 class DataConfig:
     source: str = ""  # data set location (local path or s3:// URI); job-specific
     image_size: int = 448  # network input (random crop / centre crop size)
-    resize_size: int = 512  # resize before cropping
-    hflip: bool = True
-    brightness: float = 0.126  # ColorJitter as in the public codes
-    saturation: float = 0.5
+    resize_size: int = 512  # square resize at decode (aspect not kept), before cropping
+    hflip: bool = True  # random horizontal flip in training
+    brightness: float = 0.126  # ColorJitter brightness, as in the public codes
+    saturation: float = 0.5  # ColorJitter saturation, as in the public codes
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size", "must be >= 32", self.image_size)
@@ -152,8 +154,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    refine_theta: float = 0.1  # crop box from the mean attention map, θ = 0.1 (§4)
-    refine_padding: float = 0.05
+    refine_theta: float = 0.1  # test-time crop box: where the mean attention map ≥ θ·its max
+    refine_padding: float = 0.05  # test-time box padding, fraction of H and W on each side
 
     def __post_init__(self) -> None:
         _unit_open("refine_theta", self.refine_theta)
@@ -168,7 +170,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    seed: int = 0
+    seed: int = 0  # seeds initial weights, augmentation generators and data order
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
