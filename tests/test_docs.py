@@ -83,7 +83,7 @@ def test_the_scan_catches_what_it_should():
     up, design = "../" + "shared", "shared" + "/design"
     assert _problems("wsdan/x.py", f"see {up}/{design[7:]}/algorithm.md")
     assert _problems("README.md", f"notes in {design}/")
-    assert _problems("wsdan/x.py", 'Path("/work") / "shared" / "design"')
+    assert _problems("wsdan/x.py", 'Path("/work") / "shared" / "' + 'design"')
     assert _problems("wsdan/x.py", f"{up}/vendor/crds")  # vendor: tests only
     assert not _problems("tests/infra/x.py", f"{up}/vendor/crds")
     assert _problems("tests/infra/x.py", f"{up}/notes")
