@@ -22,15 +22,8 @@ Security: the server has no authentication here; it binds to ``host`` (loopback 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import re
-import shlex
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -39,10 +32,8 @@ from typing import Any
 
 import psutil
 
-from wsdan.services._process import port_in_use
-from wsdan.services.seaweedfs import REGION
-
-log = logging.getLogger(__name__)
+from wsdan.services._process import ManagedProcess, ManagedProcessError
+from wsdan.services.s3_access import REGION
 
 # Variables the server must not inherit from the caller: they would point its S3 client
 # elsewhere than artifacts_destination's endpoint, or at the caller's tracking server.
@@ -55,7 +46,7 @@ _OVERRIDDEN_ENV = (
 )
 
 
-class MlflowServerError(RuntimeError):
+class MlflowServerError(ManagedProcessError):
     """The MLflow server could not be started, reached or stopped; the message says why and
     where to look."""
 
@@ -163,143 +154,53 @@ class MlflowServerConfig:
         return env
 
 
-class MlflowServer:
+class MlflowServer(ManagedProcess[MlflowServerConfig]):
     """One MLflow tracking server run from ``config.data_dir``.
 
     Any process can start, stop or query it: the state is the pid file, not this object.
+    start() waits for ``GET /health``; status() is {"running", "pid", "healthy",
+    "tracking_uri", "artifacts_destination", "data_dir", "log_file"}.
     """
 
-    def __init__(self, config: MlflowServerConfig) -> None:
-        self.config = config
-        self._proc: subprocess.Popen[bytes] | None = None  # set when this object started it
-
-    def __enter__(self) -> MlflowServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    name = "MLflow server"
+    executable = "mlflow"
+    error = MlflowServerError
+    not_ready = "no answer on /health after {timeout:g} s (last: {last})"
 
     @property
     def tracking_uri(self) -> str:
         """``http://HOST:PORT``: the value for ``MLFLOW_TRACKING_URI``."""
         return self.config.tracking_uri
 
-    def pid(self) -> int | None:
-        """Pid of the server recorded in ``data_dir/pid`` if it is alive and serves data_dir."""
-        proc = self._process()
-        return None if proc is None else proc.pid
+    @property
+    def address(self) -> str:
+        return self.tracking_uri
 
-    def start(self, wait: bool = True, timeout: float = 90.0) -> None:
-        """Start the server, or do nothing when the one recorded in data_dir is alive.
+    # -- the ManagedProcess hooks ------------------------------------------------------
 
-        With ``wait``, return once ``GET /health`` answers, or raise MlflowServerError (and
-        stop what was started) after ``timeout`` seconds or when the process exits.
-        """
+    def _command(self) -> list[str]:
+        return self.config.command()
+
+    def _env(self) -> dict[str, str]:
+        return self.config.env()
+
+    def _ports(self) -> dict[str, int]:
+        return {"mlflow": self.config.port}
+
+    def _ports_taken(self, busy: dict[str, int]) -> str:
         cfg = self.config
-        running = self._process()
-        if running is not None:
-            self._check_running_matches(running)
-            if wait:
-                self.wait_ready(timeout)
-            return
-        if port_in_use(cfg.port, cfg.host):
-            raise MlflowServerError(
-                f"cannot start the MLflow server: port {cfg.port} on {cfg.host} is already in "
-                "use by another process; stop it or configure another port"
-            )
-        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not cfg.destination.startswith("s3://"):
-            Path(cfg.destination).mkdir(parents=True, exist_ok=True)
-        command = cfg.command()
-        started = time.monotonic()
-        with open(cfg.server_log, "ab") as out:
-            out.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
-            out.flush()
-            self._proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cfg.data_dir,  # anything MLflow writes relative to the cwd stays here
-                env=cfg.env(),
-                start_new_session=True,  # outlives the CLI that started it; one group to signal
-            )
-        _write_private(cfg.pid_file, f"{self._proc.pid}\n")
-        log.info("MLflow server started, pid %d, %s", self._proc.pid, self.tracking_uri)
-        if not wait:
-            return
-        why = self._wait_ready(timeout)
-        if why is not None:
-            self.stop()  # leave nothing half-started behind
-            raise MlflowServerError(self._failure_message(f"failed to start: {why}"))
-        log.info("MLflow server ready at %s in %.1f s", self.tracking_uri,
-                 time.monotonic() - started)
+        return (
+            f"cannot start the MLflow server: port {cfg.port} on {cfg.host} is already in "
+            "use by another process; stop it or configure another port"
+        )
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Block until ``/health`` answers; MlflowServerError after ``timeout`` seconds."""
-        why = self._wait_ready(timeout)
-        if why is not None:
-            raise MlflowServerError(self._failure_message(f"not ready: {why}"))
+    def _prepare(self) -> None:
+        if not self.config.destination.startswith("s3://"):
+            Path(self.config.destination).mkdir(parents=True, exist_ok=True)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server if it runs: SIGTERM to its process group, SIGKILL after ``timeout``."""
-        proc = self._process()
-        if proc is not None:
-            log.info("stopping MLflow server pid %d", proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                leader = os.getpgid(proc.pid) == proc.pid
-            _signal_group(proc.pid, signal.SIGTERM)
-            if not self._wait_gone(proc, timeout):
-                log.warning("MLflow server pid %d up %g s after SIGTERM: SIGKILL", proc.pid,
-                            timeout)
-                _signal_group(proc.pid, signal.SIGKILL)
-                if not self._wait_gone(proc, 10.0):
-                    raise MlflowServerError(f"MLflow server pid {proc.pid} survived SIGKILL")
-            if leader:  # a worker that outlived the main process is still in its group
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        self.config.pid_file.unlink(missing_ok=True)
-        self._proc = None
-
-    def status(self) -> dict[str, Any]:
-        """{"running", "pid", "healthy", "tracking_uri", "artifacts_destination", "data_dir",
-        "log_file"}."""
-        proc = self._process()
-        return {
-            "running": proc is not None,
-            "pid": None if proc is None else proc.pid,
-            "healthy": proc is not None and self._health() is None,
-            "tracking_uri": self.tracking_uri,
-            "artifacts_destination": self.config.destination,
-            "data_dir": str(self.config.data_dir),
-            "log_file": str(self.config.server_log),
-        }
-
-    # -- internals ---------------------------------------------------------------------
-
-    def _process(self) -> psutil.Process | None:
-        if self._proc is not None and self._proc.poll() is None:  # poll reaps it if it exited
-            # Our own child is the server whatever its cmdline says: between fork and exec it
-            # still shows this process's command line, and the check below would miss it.
-            with contextlib.suppress(psutil.NoSuchProcess):
-                return psutil.Process(self._proc.pid)
-        try:
-            pid = int(self.config.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmdline = proc.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return None
-        # A pid file can outlive its process and the pid be reused: check it is an MLflow
-        # server on this data directory.
-        if "server" not in cmdline or self.config.backend_store_uri not in cmdline:
-            return None
-        return proc
+    def _is_ours(self, cmdline: list[str]) -> bool:
+        # An MLflow server on this data directory.
+        return "server" in cmdline and self.config.backend_store_uri in cmdline
 
     def _check_running_matches(self, proc: psutil.Process) -> None:
         cmdline = proc.cmdline()
@@ -325,64 +226,9 @@ class MlflowServer:
         except (OSError, urllib.error.URLError) as err:
             return f"/health: {err}"
 
-    def _wait_ready(self, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process() is None:
-                code = None if self._proc is None else self._proc.poll()
-                return "the mlflow process exited" + ("" if code is None else f" with code {code}")
-            why = self._health()
-            if why is None:
-                return None
-            if time.monotonic() >= deadline:
-                return f"no answer on /health after {timeout:g} s (last: {why})"
-            time.sleep(0.25)
-
-    def _wait_gone(self, proc: psutil.Process, timeout: float) -> bool:
-        if self._proc is not None and self._proc.pid == proc.pid:
-            try:
-                self._proc.wait(timeout)  # our child: wait() also reaps it
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        try:
-            proc.wait(timeout)
-        except psutil.TimeoutExpired:
-            return False
-        return True
-
-    def _failure_message(self, what: str) -> str:
-        cfg = self.config
-        return (
-            f"MLflow server ({self.tracking_uri}, data in {cfg.data_dir}) {what}\n"
-            f"--- {cfg.server_log} (last lines of this start) ---\n{_log_excerpt(cfg.server_log)}\n"
-            f"--- full log: {cfg.server_log}"
-        )
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only (mode 0600)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:  # started with start_new_session: it leads its own group
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-
-
-def _log_excerpt(path: Path, lines: int = 25) -> str:
-    """The last lines written since the latest start header (a Python traceback ends there)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as err:
-        return f"(cannot read: {err})"
-    section = text.rsplit("\n==== ", 1)[-1].splitlines()[1:]  # drop the header line
-    section = [ln for ln in section if not re.fullmatch(r"\s*", ln)]
-    return "\n".join(section[-lines:]) if section else "(empty)"
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "tracking_uri": self.tracking_uri,
+            "artifacts_destination": self.config.destination,
+            **super()._describe(),  # data_dir, log_file
+        }

@@ -23,39 +23,45 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
-import secrets
-import shlex
 import shutil
-import signal
 import stat
-import string
-import subprocess
 import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import psutil
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wsdan.services._process import (
+    ManagedProcess,
     find_free_port,
     find_free_ports,
     port_in_use,
-    signal_group,
     write_private,
 )
+from wsdan.services.s3_access import (
+    CREDENTIAL_ENV_PAIRS,
+    REGION,
+    S3ServerError,
+    check_bucket_name,
+    credentials_from_env,
+    ensure_bucket,
+    error_code,
+    generate_credentials,
+    s3_client,
+    write_credentials_file,
+)
 
-# find_free_port, find_free_ports and port_in_use live in wsdan.services._process and stay
-# importable from here.
+# The port helpers (wsdan.services._process) and the client side (credentials, buckets, the
+# region: wsdan.services.s3_access) stay importable from here.
 __all__ = [
     "CREDENTIAL_ENV_PAIRS",
     "GRPC_PORT_OFFSET",
@@ -71,31 +77,17 @@ __all__ = [
     "find_weed_binary",
     "generate_credentials",
     "port_in_use",
+    "write_credentials_file",
 ]
 
-log = logging.getLogger(__name__)
 
-# Credentials are read from the first pair that is set; the WSDAN pair lets a user keep the
-# local store's keys apart from real AWS keys in the same shell.
-CREDENTIAL_ENV_PAIRS = (
-    ("WSDAN_S3_ACCESS_KEY", "WSDAN_S3_SECRET_KEY"),
-    ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
-)
 WEED_BINARY_ENV = "WSDAN_WEED_BINARY"
-# SeaweedFS ignores the region, but SigV4 signs one and boto3/pyarrow want one.
-REGION = "us-east-1"
 # SeaweedFS's convention: a service's gRPC port is its HTTP port + 10000 unless given.
 GRPC_PORT_OFFSET = 10000
 _SERVICES = ("s3", "volume", "filer", "master")
 _AUTH_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # weed opens these unix sockets in /tmp (not configurable for gRPC) and leaves them behind.
 _SOCKET_DIR = Path("/tmp")
-
-
-class S3ServerError(RuntimeError):
-    """The S3 server could not be started, reached or stopped; the message says why and where
-    to look."""
 
 
 def find_weed_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -118,34 +110,6 @@ def find_weed_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
     if on_path:
         return Path(on_path)
     raise S3ServerError(f"SeaweedFS binary `weed` not found in {in_env.parent} nor on PATH; {hint}")
-
-
-def generate_credentials() -> tuple[str, str]:
-    """A random (access key, secret key) pair in AWS's shapes (20 and 40 characters)."""
-    alphabet = string.ascii_uppercase + string.digits
-    access_key = "WSDAN" + "".join(secrets.choice(alphabet) for _ in range(15))
-    return access_key, secrets.token_urlsafe(30)
-
-
-def credentials_from_env(environ: dict[str, str] | None = None) -> tuple[str, str]:
-    """(access key, secret key) from ``WSDAN_S3_ACCESS_KEY``/``WSDAN_S3_SECRET_KEY``, else from
-    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; a half-set pair is an error."""
-    env = os.environ if environ is None else environ
-    for access_name, secret_name in CREDENTIAL_ENV_PAIRS:
-        access_key, secret_key = env.get(access_name), env.get(secret_name)
-        if access_key and secret_key:
-            return access_key, secret_key
-        if access_key or secret_key:
-            missing = secret_name if access_key else access_name
-            raise S3ServerError(f"S3 credentials half set: {missing} is missing")
-    names = " or ".join(f"{a} and {s}" for a, s in CREDENTIAL_ENV_PAIRS)
-    raise S3ServerError(f"no S3 credentials in the environment: set {names}")
-
-
-def check_bucket_name(name: str) -> None:
-    """Raise ValueError unless ``name`` is a valid S3 bucket name (3–63 of a-z 0-9 . -)."""
-    if not _BUCKET_NAME.match(name):
-        raise ValueError(f"invalid bucket name {name!r}: 3-63 characters of a-z, 0-9, '.', '-'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,100 +252,29 @@ class S3ServerConfig:
         ]
 
 
-class S3Server:
+class S3Server(ManagedProcess[S3ServerConfig]):
     """One SeaweedFS S3 server run from ``config.data_dir``.
 
     Any process can start, stop or query it: the state is the pid file, not this object.
+    start() waits until a put and a delete succeed; status() is {"running", "pid",
+    "healthy", "endpoint", "data_dir", "log_file", "log_dir"}, healthy meaning that /healthz
+    answers and these credentials can list the buckets.
     """
 
-    def __init__(self, config: S3ServerConfig) -> None:
-        self.config = config
-        self._proc: subprocess.Popen[bytes] | None = None  # set when this object started it
-
-    def __enter__(self) -> S3Server:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    name = "S3 server"
+    executable = "weed"
+    error = S3ServerError
+    not_ready = "no successful write after {timeout:g} s (last error: {last})"
+    log_lines = 20
 
     @property
     def endpoint(self) -> str:
         """``http://HOST:PORT`` of the S3 API."""
         return self.config.endpoint
 
-    def pid(self) -> int | None:
-        """Pid of the server recorded in ``data_dir/pid`` if it is alive and serves data_dir."""
-        proc = self._process()
-        return None if proc is None else proc.pid
-
-    def start(self, wait: bool = True, timeout: float = 90.0) -> None:
-        """Start the server, or do nothing when the one recorded in data_dir is alive and healthy.
-
-        With ``wait``, return once a put and a delete succeed, or raise S3ServerError (and stop
-        what was started) after ``timeout`` seconds or when the process exits.
-        """
-        cfg = self.config
-        running = self._process()
-        if running is not None:
-            self._check_running_matches(running)
-            healthy, why = self._health()
-            if healthy or not wait:
-                return
-            if why in _AUTH_ERRORS:
-                raise S3ServerError(
-                    f"the S3 server already running from {cfg.data_dir} (pid {running.pid}) "
-                    f"rejects these credentials ({why}): it was started with others; stop it "
-                    "and start it again"
-                )
-            self.wait_ready(timeout)
-            return
-
-        binary = find_weed_binary(cfg.weed_binary)
-        busy = {name: port for name, port in cfg.ports.items() if port_in_use(port, cfg.host)}
-        if busy:
-            taken = ", ".join(f"{port} ({name})" for name, port in busy.items())
-            raise S3ServerError(
-                f"cannot start the S3 server: port(s) {taken} on {cfg.host} already in use by "
-                "another process; stop it or configure other ports"
-            )
-        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and data inside
-        for directory in (cfg.log_dir, cfg.store_dir):
-            directory.mkdir(exist_ok=True)
-        write_private(cfg.identities_file, json.dumps(_identities(cfg), indent=2) + "\n")
-        command = cfg.command(binary)
-        # The child needs no secret in its environment (it reads identities_file).
-        secret_names = {secret for _, secret in CREDENTIAL_ENV_PAIRS}
-        env = {k: v for k, v in os.environ.items() if k not in secret_names}
-        started = time.monotonic()
-        with open(cfg.server_log, "ab") as out:
-            out.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
-            out.flush()
-            self._proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cfg.data_dir,
-                env=env,
-                start_new_session=True,  # outlives the CLI that started it; one group to signal
-            )
-        write_private(cfg.pid_file, f"{self._proc.pid}\n")
-        log.info("SeaweedFS S3 server started, pid %d, %s", self._proc.pid, self.endpoint)
-        if not wait:
-            return
-        why = self._wait_ready(timeout)
-        if why is not None:
-            # Leave nothing half-started behind.
-            self.stop()
-            raise S3ServerError(self._failure_message(f"failed to start: {why}"))
-        log.info("S3 server ready at %s in %.1f s", self.endpoint, time.monotonic() - started)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Block until a put and a delete succeed; S3ServerError after ``timeout`` seconds."""
-        why = self._wait_ready(timeout)
-        if why is not None:
-            raise S3ServerError(self._failure_message(f"not ready: {why}"))
+    @property
+    def address(self) -> str:
+        return self.endpoint
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the server if it runs: SIGTERM to its process group, SIGKILL after ``timeout``.
@@ -389,56 +282,15 @@ class S3Server:
         SeaweedFS needs ~15 s to stop on SIGTERM. ``timeout=0`` kills it at once, skipping its
         clean shutdown: for throw-away data (tests).
         """
-        proc = self._process()
-        if proc is not None:
-            log.info("stopping S3 server pid %d", proc.pid)
-            signal_group(proc.pid, signal.SIGTERM)
-            if not self._wait_gone(proc, timeout):
-                if timeout > 0:
-                    log.warning(
-                        "S3 server pid %d up %g s after SIGTERM: SIGKILL", proc.pid, timeout
-                    )
-                signal_group(proc.pid, signal.SIGKILL)
-                if not self._wait_gone(proc, 10.0):
-                    raise S3ServerError(f"S3 server pid {proc.pid} survived SIGKILL")
-            self._remove_sockets()
-        self.config.pid_file.unlink(missing_ok=True)
-        self._proc = None
-
-    def status(self) -> dict[str, Any]:
-        """{"running", "pid", "healthy", "endpoint", "data_dir", "log_file", "log_dir"}.
-
-        healthy: /healthz answers and these credentials can list the buckets.
-        """
-        proc = self._process()
-        return {
-            "running": proc is not None,
-            "pid": None if proc is None else proc.pid,
-            "healthy": proc is not None and self._health()[0],
-            "endpoint": self.endpoint,
-            "data_dir": str(self.config.data_dir),
-            "log_file": str(self.config.server_log),
-            "log_dir": str(self.config.log_dir),
-        }
+        super().stop(timeout)
 
     def client(self, config: Config | None = None) -> Any:
         """A boto3 S3 client for this server: its credentials, path-style addressing, us-east-1.
 
         ``config`` (a botocore Config) is merged over those defaults, e.g. for timeouts.
         """
-        base = Config(
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
-            retries={"max_attempts": 5, "mode": "standard"},
-        )
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.config.access_key,
-            aws_secret_access_key=self.config.secret_key,
-            region_name=REGION,
-            config=base if config is None else base.merge(config),
-        )
+        cfg = self.config
+        return s3_client(self.endpoint, cfg.access_key, cfg.secret_key, config)
 
     def aws_env(self) -> dict[str, str]:
         """Environment variables that point AWS SDKs (boto3, pyarrow's from_uri, MLflow) here.
@@ -467,32 +319,37 @@ class S3Server:
     def ensure_bucket(self, name: str) -> None:
         """Create bucket ``name`` unless it exists."""
         check_bucket_name(name)
-        _ensure_bucket(self.client(), name)
+        ensure_bucket(self.client(), name)
 
-    # -- internals ---------------------------------------------------------------------
+    # -- the ManagedProcess hooks ------------------------------------------------------
 
-    def _process(self) -> psutil.Process | None:
-        if self._proc is not None and self._proc.poll() is None:  # poll reaps it if it exited
-            # Our own child is the server whatever its cmdline says: between fork and exec it
-            # still shows this process's command line, and the check below would miss it.
-            with contextlib.suppress(psutil.NoSuchProcess):
-                return psutil.Process(self._proc.pid)
-        try:
-            pid = int(self.config.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmdline = proc.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return None
-        # A pid file can outlive its process and the pid be reused: check it is a weed
-        # server on this data directory.
-        if "server" not in cmdline or f"-dir={self.config.store_dir}" not in cmdline:
-            return None
-        return proc
+    def _command(self) -> list[str]:
+        return self.config.command(find_weed_binary(self.config.weed_binary))
+
+    def _env(self) -> dict[str, str]:
+        # The child needs no secret in its environment (it reads identities_file).
+        secret_names = {secret for _, secret in CREDENTIAL_ENV_PAIRS}
+        return {k: v for k, v in os.environ.items() if k not in secret_names}
+
+    def _ports(self) -> dict[str, int]:
+        return self.config.ports
+
+    def _ports_taken(self, busy: dict[str, int]) -> str:
+        taken = ", ".join(f"{port} ({name})" for name, port in busy.items())
+        return (
+            f"cannot start the S3 server: port(s) {taken} on {self.config.host} already in use "
+            "by another process; stop it or configure other ports"
+        )
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        for directory in (cfg.log_dir, cfg.store_dir):
+            directory.mkdir(exist_ok=True)
+        write_private(cfg.identities_file, json.dumps(_identities(cfg), indent=2) + "\n")
+
+    def _is_ours(self, cmdline: list[str]) -> bool:
+        # A weed server on this data directory.
+        return "server" in cmdline and f"-dir={self.config.store_dir}" in cmdline
 
     def _check_running_matches(self, proc: psutil.Process) -> None:
         wanted = {
@@ -506,64 +363,67 @@ class S3Server:
                 f"other addresses ({' '.join(running)}); stop it first"
             )
 
+    def _when_running(self, proc: psutil.Process, wait: bool, timeout: float) -> None:
+        why = self._health()
+        if why is None or not wait:
+            return
+        if why in _AUTH_ERRORS:
+            raise S3ServerError(
+                f"the S3 server already running from {self.config.data_dir} (pid {proc.pid}) "
+                f"rejects these credentials ({why}): it was started with others; stop it "
+                "and start it again"
+            )
+        self.wait_ready(timeout)
+
     def _probe_client(self) -> Any:
         return self.client(Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
 
-    def _health(self) -> tuple[bool, str | None]:
-        """(healthy, why not): /healthz answers and the credentials can list the buckets."""
+    def _health(self) -> str | None:
+        """None when /healthz answers and the credentials can list the buckets, else why not
+        (an S3 error code such as InvalidAccessKeyId, or a connection error)."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy
         try:
             with opener.open(f"{self.endpoint}/healthz", timeout=2) as response:
                 if response.status != 200:
-                    return False, f"/healthz answered {response.status}"
+                    return f"/healthz answered {response.status}"
         except (OSError, urllib.error.URLError) as err:
-            return False, f"/healthz: {err}"
+            return f"/healthz: {err}"
         try:
             self._probe_client().list_buckets()
         except ClientError as err:
-            return False, _error_code(err)
+            return error_code(err)
         except BotoCoreError as err:
-            return False, str(err)
-        return True, None
+            return str(err)
+        return None
 
-    def _wait_ready(self, timeout: float) -> str | None:
-        """None once a put and a delete succeed in the probe bucket, else why not."""
-        deadline = time.monotonic() + timeout
+    def _readiness_probe(self) -> Callable[[], str | None]:
+        """A put and a delete in the probe bucket: /healthz answers seconds before writes work."""
         client = self._probe_client()
         bucket = self.config.probe_bucket
-        last = "no answer"
-        while True:
-            if self._process() is None:
-                code = None if self._proc is None else self._proc.poll()
-                return "the weed process exited" + ("" if code is None else f" with code {code}")
+
+        def probe() -> str | None:
             try:
-                _ensure_bucket(client, bucket)
+                ensure_bucket(client, bucket)
                 key = f"probe/{os.getpid()}-{time.time_ns()}"
                 client.put_object(Bucket=bucket, Key=key, Body=b"ok")
                 client.delete_object(Bucket=bucket, Key=key)
                 return None
             except ClientError as err:
-                last = f"{_error_code(err)}: {err}"
+                return f"{error_code(err)}: {err}"
             except BotoCoreError as err:
-                last = str(err)
-            if time.monotonic() >= deadline:
-                return f"no successful write after {timeout:g} s (last error: {last})"
-            time.sleep(0.25)
+                return str(err)
 
-    def _wait_gone(self, proc: psutil.Process, timeout: float) -> bool:
-        if self._proc is not None and self._proc.pid == proc.pid:
-            try:
-                self._proc.wait(timeout)  # our child: wait() also reaps it
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        try:
-            proc.wait(timeout)
-        except psutil.TimeoutExpired:
-            return False
-        return True
+        return probe
 
-    def _remove_sockets(self) -> None:
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            **super()._describe(),  # data_dir, log_file
+            "log_dir": str(self.config.log_dir),
+        }
+
+    def _after_stop(self) -> None:
+        # weed opens unix sockets in /tmp and leaves them behind.
         ports = self.config.ports
         names = [f"seaweedfs-{s}-{ports[s]}.sock" for s in ("filer", "s3")]
         names += [f"seaweedfs-{s}-grpc-{ports[s + '.grpc']}.sock" for s in _SERVICES]
@@ -573,13 +433,13 @@ class S3Server:
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
 
-    def _failure_message(self, what: str) -> str:
-        cfg = self.config
-        return (
-            f"S3 server ({self.endpoint}, data in {cfg.data_dir}) {what}\n"
-            f"--- {cfg.server_log} (last lines of this start) ---\n{_log_excerpt(cfg.server_log)}\n"
-            f"--- full log: {cfg.server_log}"
-        )
+    def _excerpt(self, section: list[str]) -> list[str]:
+        """The last lines, after this start's fatal errors if any (a fatal error or a panic is
+        followed by a long goroutine dump)."""
+        n = self.log_lines
+        fatal = [ln for ln in section[:-n] if re.match(r"F\d{4} ", ln) or ln.startswith("panic")]
+        shown = [*fatal[-5:], "..."] if fatal else []
+        return shown + section[-n:]
 
 
 def _identities(cfg: S3ServerConfig) -> dict[str, Any]:
@@ -592,48 +452,3 @@ def _identities(cfg: S3ServerConfig) -> dict[str, Any]:
             }
         ]
     }
-
-
-def _ensure_bucket(client: Any, name: str) -> None:
-    try:
-        client.head_bucket(Bucket=name)
-        return
-    except ClientError as err:
-        if _error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-    try:
-        client.create_bucket(Bucket=name)
-    except ClientError as err:
-        if _error_code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise
-
-
-def _error_code(err: ClientError) -> str:
-    return str(err.response.get("Error", {}).get("Code", "unknown"))
-
-
-def _log_excerpt(path: Path, lines: int = 20) -> str:
-    """The last lines written since the latest start header, after its fatal errors if any
-    (a fatal error or a panic is followed by a long goroutine dump)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as err:
-        return f"(cannot read: {err})"
-    section = text.rsplit("\n==== ", 1)[-1].splitlines()[1:]  # drop the header line
-    fatal = [ln for ln in section[:-lines] if re.match(r"F\d{4} ", ln) or ln.startswith("panic")]
-    shown = [*fatal[-5:], "..."] if fatal else []
-    shown += section[-lines:]
-    return "\n".join(shown) if shown else "(empty)"
-
-
-def write_credentials_file(path: str | os.PathLike[str], access_key: str, secret_key: str, *,
-                           profile: str = "wsdan") -> None:
-    """An AWS shared-credentials file with one profile, created 0600 (never world-readable,
-    not even for an instant)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"[{profile}]\naws_access_key_id = {access_key}\n"
-                f"aws_secret_access_key = {secret_key}\n")
-    os.chmod(p, 0o600)  # an existing file keeps its mode through O_TRUNC
