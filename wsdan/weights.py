@@ -20,7 +20,7 @@ import os
 import urllib.parse
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torchvision.models as tvm
@@ -28,10 +28,13 @@ from torch import Tensor
 
 from wsdan import storage
 
-if TYPE_CHECKING:  # wsdan.backbones imports this module: only the type hint needs Backbone
-    from wsdan.backbones import Backbone
-
-__all__ = ["LoadReport", "WeightsError", "hub_cache_path", "load_backbone_weights"]
+__all__ = [
+    "LoadReport",
+    "LoadableBackbone",
+    "WeightsError",
+    "hub_cache_path",
+    "load_backbone_weights",
+]
 
 # The loader's messages keep the logger name they had while it lived in wsdan.backbones:
 # logging configurations (and tests) select them by that name.
@@ -40,6 +43,19 @@ logger = logging.getLogger("wsdan.backbones")
 
 class WeightsError(ValueError):
     """Weights that do not fit a backbone (missing key, wrong shape, foreign layer, bad file)."""
+
+
+class LoadableBackbone(Protocol):
+    """What :func:`load_backbone_weights` uses of a backbone. `wsdan.backbones`'s
+    ``Backbone`` is one; naming the members here keeps this module free of that one (which
+    imports this one)."""
+
+    name: str
+    weights_arch: str  # torchvision architecture whose weights fit, e.g. "resnet18"
+    layer_names: tuple[str, ...]  # top-level sub-modules used, under torchvision's names
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = ...) -> Any: ...
 
 
 class LoadReport(NamedTuple):
@@ -105,7 +121,7 @@ def _summarise_by_layer(keys: Sequence[str]) -> str:
 
 
 def load_backbone_weights(
-    backbone: Backbone, source: str | os.PathLike[str] | Mapping[str, object]
+    backbone: LoadableBackbone, source: str | os.PathLike[str] | Mapping[str, object]
 ) -> LoadReport:
     """Copy weights into ``backbone`` in place, strictly.
 

@@ -20,13 +20,23 @@ image, continuous, the image spanning ``[0, size]``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:  # wsdan.data.synthetic imports this module; the spec is a type hint here
-    from wsdan.data.synthetic import SyntheticSpec
+
+class BackgroundSpec(Protocol):
+    """What :func:`_background` reads of a data set's spec. `wsdan.data.synthetic`'s
+    ``SyntheticSpec`` is one; naming the fields here keeps this module free of that one
+    (which imports this one)."""
+
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def num_clutter_shapes(self) -> tuple[int, int]: ...
+    @property
+    def num_background_glyphs(self) -> tuple[int, int]: ...
 
 
 # --- the vocabulary --------------------------------------------------------------------
@@ -184,7 +194,7 @@ def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, size=3))
 
 
-def _background(rng: np.random.Generator, spec: SyntheticSpec, glyph_scale: float) -> Image.Image:
+def _background(rng: np.random.Generator, spec: BackgroundSpec, glyph_scale: float) -> Image.Image:
     """A linear colour gradient in a random direction, clutter shapes and vocabulary glyphs;
     the supersampled canvas."""
     s = spec.image_size
