@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2,
                    help="worker-group failures survived by restarting from the last checkpoint")
     p.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="checkpoints kept (the latest ones)")
+                   help="checkpoints kept: the best by val_fused_top1 (Ray Train also keeps "
+                        "the latest, which a rerun resumes from)")
     p.add_argument("--register-as", default=None, help="registered model name in MLflow")
     p.add_argument("--experiment", default="wsdan", help="MLflow experiment of the run")
     p.add_argument("--placement", default="PACK",

@@ -104,8 +104,8 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Ten
     pixels exactly. ``tests/test_augment.py`` pins this against both references.
 
     One ``torchvision.ops.roi_align`` call (``aligned=True``, one sample per output pixel):
-    a single kernel on CPU and GPU, no loop, no host sync; 1.4–2.4× faster on the CPU than
-    the hand-written separable gathers it replaces (BENCHMARKS.md).
+    a single kernel on CPU and GPU, no loop, no host sync; 1.4–1.75× faster on the CPU than
+    the hand-written separable gathers it replaces (BENCHMARKS.md, bench_step).
 
     Args:
         images: B×C×H×W float. boxes: B×4 (x0, y0, x1, y1), ends exclusive, non-empty.
