@@ -157,7 +157,7 @@ def decode_ceiling(blobs: list[bytes], size: int, n: int = 400) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
-    # Before ray is imported: loopback only, explicit auth mode (environment.md).
+    # Before ray is imported: loopback only, explicit auth mode (see tests/conftest.py).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

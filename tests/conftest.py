@@ -14,8 +14,8 @@ from wsdan.services import S3Server, S3ServerConfig, generate_credentials
 
 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported (a module constant of
 # ray._private.ray_constants), so it is set here, before any test module imports ray. With
-# it at 0, a local Ray is single-node and binds every service to 127.0.0.1 (environment.md,
-# "Addresses"). RAY_AUTH_MODE is set explicitly: unset, a new local cluster turns token
+# it at 0, a local Ray is single-node and binds every service to 127.0.0.1 (Ray 2.60:
+# ray._private.services). RAY_AUTH_MODE is set explicitly: unset, a new local cluster turns token
 # auth on (and would pick up a stray ~/.ray/auth_token); "disabled" ignores that file.
 # No usage-stats reporting: nothing leaves this machine.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

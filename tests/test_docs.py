@@ -58,6 +58,8 @@ PARENT_SHARED = re.compile(r"\.\.[/\\]shared\b")
 ALLOWED_IN_TESTS = re.compile(r"\.\.[/\\]shared[/\\]vendor\b")
 DESIGN = re.compile(r"shared[\"']?\s*[/\\,]\s*[\"']?design", re.IGNORECASE)
 ABSOLUTE = re.compile(r"/work/+shared\b")
+# The private notes by bare file name (system, environment, style): the project has none.
+NOTES = re.compile(r"(?<![\w/.-])(?:system|environment|sty" r"le)\.md\b")
 
 
 def _tracked_files() -> list[str]:
@@ -72,6 +74,7 @@ def _problems(rel: str, text: str) -> list[str]:
     for n, line in enumerate(text.splitlines(), 1):
         hits = [m.group(0) for m in DESIGN.finditer(line)]
         hits += [m.group(0) for m in ABSOLUTE.finditer(line)]
+        hits += [m.group(0) for m in NOTES.finditer(line)]
         for m in PARENT_SHARED.finditer(line):
             if not (rel.startswith("tests/") and ALLOWED_IN_TESTS.match(line, m.start())):
                 hits.append(m.group(0))
@@ -87,6 +90,8 @@ def test_the_scan_catches_what_it_should():
     assert _problems("wsdan/x.py", f"{up}/vendor/crds")  # vendor: tests only
     assert not _problems("tests/infra/x.py", f"{up}/vendor/crds")
     assert _problems("tests/infra/x.py", f"{up}/notes")
+    assert _problems("wsdan/x.py", "(" + "environment" + ".md, 'Addresses')")
+    assert not _problems("wsdan/x.py", "see docs/algorithm.md §3")
 
 
 def test_no_file_refers_to_the_private_design_notes():

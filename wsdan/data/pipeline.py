@@ -1,6 +1,6 @@
 """Ray Data pipelines: Parquet shards (or raw class folders) in S3 → decoded model batches.
 
-Shape of the stream (system.md)::
+Shape of the stream (docs/architecture.md has the whole picture)::
 
     ShardDatasource(row groups, per-epoch order)                one Ray task per row group,
       └─ map_batches(decode_blocks: decode + resize)            fused into that task: the

@@ -4,7 +4,7 @@ Single-node and bound to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), wi
 ``--temp-dir`` and ports, so stopping it never touches another Ray on the machine (no
 ``ray stop``): we end exactly the processes whose command line names our temp dir.
 Token authentication is set explicitly (``RAY_AUTH_MODE``) for every process we start, so a
-stray ``~/.ray/auth_token`` cannot silently turn it on (environment.md, 'Token auth').
+stray ``~/.ray/auth_token`` cannot silently turn it on.
 """
 
 from __future__ import annotations
