@@ -86,6 +86,25 @@ def test_a_worker_that_fits_no_node_is_refused_even_if_the_total_suffices():
         plan_resources(THREE_NODES, _job(1, {"CPU": 6.0}), what="job")
 
 
+def test_totals_are_not_enough_each_worker_needs_room_on_one_node():
+    two = [{"CPU": 0.0}, {"CPU": 3.0}, {"CPU": 3.0}]  # the multi-node tests' cluster
+    job = [{"CPU": 4.0}, {"CPU": 1.0}]  # 5 of its 6 CPUs, but a worker of 4 fits no node
+    # An autoscaler (limits unknown): wait for a node that holds the worker.
+    assert plan_resources(ClusterView(nodes=two, autoscaler=True), job, what="job") == "wait"
+    grown = ClusterView(nodes=[*two, {"CPU": 4.0}], autoscaler=True)
+    assert plan_resources(grown, job, what="job") == "ok"
+    # A fixed cluster whose nodes each fit one worker, but not all workers at once.
+    with pytest.raises(ConfigError, match=r"need 3 × \(3 CPU\) \+ 1 CPU, each on one node; "
+                       r"the Ray cluster has 10 CPU in all, but its nodes cannot hold them all "
+                       r"at once \(3 node\(s\): 1 with 2 CPU, 2 with 4 CPU\)"):
+        plan_resources(THREE_NODES, _job(3, {"CPU": 3.0}), what="job")
+    # KubeRay: 11 CPU and a GPU are up, but no node up holds 4 CPU with the GPU: wait for
+    # the group's node.
+    mixed = ClusterView(nodes=[{"CPU": 0.0}, {"CPU": 3.0, "GPU": 1.0}, {"CPU": 8.0}],
+                        max_total=KUBERAY.max_total, group_nodes=KUBERAY.group_nodes)
+    assert plan_resources(mixed, _job(1, {"CPU": 4.0, "GPU": 1.0}), what="job") == "wait"
+
+
 def test_autoscaling_cluster_waits_when_it_can_scale_and_refuses_when_it_cannot():
     gpu = {"CPU": 4.0, "GPU": 1.0}
     assert plan_resources(KUBERAY, _job(4, gpu), what="job") == "wait"
@@ -106,7 +125,9 @@ def test_wait_for_resources_returns_once_nodes_join_and_times_out_clearly():
     assert requests == [bundles, []]  # asked for the job's bundles, then withdrew the ask
     assert "waiting up to 60s" in notes[0] and "cluster ready: 3 node(s)" in notes[-1]
     requests.clear()
-    with pytest.raises(ConfigError, match=r"need 9 CPU, 2 GPU; after 0s the cluster has nothing \(1 node\(s\)\)"):
+    with pytest.raises(ConfigError, match=r"job need 2 × \(4 CPU, 1 GPU\) \+ 1 CPU, each on "
+                       r"one node; after waiting 0s for the autoscaler the cluster has "
+                       r"1 node\(s\): 1 with nothing\. .*raise --resource-timeout"):
         wait_for_resources(bundles, what="job", timeout_s=0, describe=lambda: KUBERAY,
                            request=requests.append, log=notes.append, poll_s=0)
     assert requests[-1] == []  # the request is withdrawn on timeout too

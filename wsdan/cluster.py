@@ -219,8 +219,46 @@ def _fits(bundle: Resources, node: Resources) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
 
 
-def _fmt(res: Resources) -> str:
+def _fmt(res: Resources, keys: Sequence[str] | None = None) -> str:
+    """``res`` as "4 CPU, 1 GPU"; with ``keys`` only those (a live node also lists memory,
+    object store, ``node:<ip>`` and custom resources, which a message about a job's CPUs and
+    GPUs does not need)."""
+    if keys is not None:
+        res = {k: res.get(k, 0.0) for k in keys}
     return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v) or "nothing"
+
+
+def _counted(items: Sequence[str]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for s in items:
+        counts[s] = counts.get(s, 0) + 1
+    return list(counts.items())
+
+
+def _fmt_bundles(bundles: Sequence[Resources]) -> str:
+    """"2 × (4 CPU, 1 GPU) + 1 CPU": the bundles, alike ones counted."""
+    return " + ".join(f"{n} × ({s})" if n > 1 else s
+                      for s, n in _counted([_fmt(b) for b in bundles]))
+
+
+def _fmt_nodes(nodes: Sequence[Resources], keys: Sequence[str]) -> str:
+    """"3 node(s): 1 with nothing, 2 with 3 CPU", counting only ``keys``."""
+    return f"{len(nodes)} node(s): " + ", ".join(
+        f"{n} with {s}" for s, n in _counted([_fmt(node, keys) for node in nodes]))
+
+
+def _packs(bundles: Sequence[Resources], nodes: Sequence[Resources]) -> bool:
+    """Whether ``nodes`` hold all ``bundles`` at once, each bundle on one node (first fit,
+    largest bundle first: exact for the identical worker bundles of a job)."""
+    free = [{k: float(v) for k, v in n.items()} for n in nodes]
+    for b in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)),
+                    reverse=True):
+        node = next((n for n in free if _fits(b, n)), None)
+        if node is None:
+            return False
+        for k, v in b.items():
+            node[k] = node.get(k, 0.0) - float(v)
+    return True
 
 
 def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
@@ -231,16 +269,19 @@ def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
     need = _sum(bundles)
     nodes = view.largest_nodes()
     total = view.total
+    # "ok" means the nodes up now hold every bundle, each on one node: totals alone are not
+    # enough (two nodes of 3 CPUs cannot place a worker of 4).
     if not view.limits_known:
         # An autoscaler whose limits are unknown: what it cannot do shows only as a timeout.
-        return "ok" if all(total.get(k, 0.0) >= v for k, v in need.items()) else "wait"
+        return "ok" if _packs(bundles, view.nodes) else "wait"
     for b in bundles:
         if not any(_fits(b, n) for n in nodes):
             biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             raise ConfigError(
                 f"{flag}: {what}: one worker needs {_fmt(b)} on one node, and no node of this "
-                f"cluster (or of its worker groups) has that; the largest has {_fmt(biggest)}")
-    if all(total.get(k, 0.0) >= v for k, v in need.items()):
+                f"cluster (or of its worker groups) has that; the largest has "
+                f"{_fmt(biggest, list(b))}")
+    if _packs(bundles, view.nodes):
         return "ok"
     ceiling = view.max_total if view.max_total is not None else total
     short = {k: v for k, v in need.items() if ceiling.get(k, 0.0) < v}
@@ -252,6 +293,12 @@ def plan_resources(view: ClusterView, bundles: Sequence[Resources], *,
             f"cluster {limit} {_fmt({k: ceiling.get(k, 0.0) for k in need})}"
             + ("" if view.autoscaling else " (if it adds nodes on demand, pass "
                "--autoscaling-cluster to wait for them)"))
+    if not view.autoscaling:
+        raise ConfigError(
+            f"{flag}: {what} need {_fmt_bundles(bundles)}, each on one node; the Ray cluster "
+            f"has {_fmt(total, list(need))} in all, but its nodes cannot hold them all at once "
+            f"({_fmt_nodes(view.nodes, list(need))}). If it adds nodes on demand, pass "
+            "--autoscaling-cluster to wait for them")
     return "wait"
 
 
@@ -273,8 +320,10 @@ def wait_for_resources(bundles: Sequence[Resources], *, what: str, timeout_s: fl
         def request(b: list[dict[str, float]]) -> None:
             request_resources(bundles=b)
 
+    keys = list(_sum(bundles))
+    need = f"{_fmt_bundles(bundles)}, each on one node"
     log(f"[wsdan] waiting up to {timeout_s:.0f}s for the cluster to scale up: {what} need "
-        f"{_fmt(_sum(bundles))}, it has {_fmt(view.total)}")
+        f"{need}; it has {_fmt_nodes(view.nodes, keys)}")
     request([dict(b) for b in bundles])
     deadline = time.monotonic() + timeout_s
     next_note = time.monotonic() + 60
@@ -283,16 +332,16 @@ def wait_for_resources(bundles: Sequence[Resources], *, what: str, timeout_s: fl
             time.sleep(poll_s)
             view = describe()
             if plan_resources(view, bundles, what=what, flag=flag) == "ok":
-                log(f"[wsdan] cluster ready: {len(view.nodes)} node(s), {_fmt(view.total)}")
+                log(f"[wsdan] cluster ready: {_fmt_nodes(view.nodes, keys)}")
                 return
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    f"{flag}: {what} need {_fmt(_sum(bundles))}; after {timeout_s:.0f}s the "
-                    f"cluster has {_fmt(view.total)} ({len(view.nodes)} node(s)). The "
-                    "autoscaler did not add nodes in time: check its logs and node quotas, "
-                    "or raise --resource-timeout")
+                    f"{flag}: {what} need {need}; after waiting {timeout_s:.0f}s for the "
+                    f"autoscaler the cluster has {_fmt_nodes(view.nodes, keys)}. It did not "
+                    "add nodes in time: check its logs and node quotas, or raise "
+                    "--resource-timeout")
             if time.monotonic() > next_note:
-                log(f"[wsdan] still waiting: {len(view.nodes)} node(s), {_fmt(view.total)}")
+                log(f"[wsdan] still waiting: {_fmt_nodes(view.nodes, keys)}")
                 next_note += 60
     finally:
         request([])  # the job's own placement group holds them from here

@@ -2,14 +2,19 @@
 submitted with `ray job submit`, data from S3, checkpoints to s3://, one MLflow run, a
 registered model; workers on different nodes with identical replicas; a worker node killed
 after the first checkpoint and the job finishing from it on the node that is left; local
-paths refused before any work. (One job does all of it: each job costs minutes here.)"""
+paths refused before any work. (One job does all of it: each job costs minutes here.) And the
+resource wait of an autoscaling cluster, with this test playing the autoscaler: a node that
+fits joins while the driver waits, or none does and the wait times out."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +175,121 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(multinode_cluster, data
                  "--shared-filesystem"):
         assert what in err
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.fixture
+def driver(multinode_cluster, monkeypatch):
+    """This process as a driver of the cluster, connected as the jobs connect
+    (``wsdan.cluster.connect`` with RAY_ADDRESS), and disconnected after the test, so that
+    no test depends on another's connection."""
+    import ray
+
+    from wsdan.cluster import connect
+
+    if ray.is_initialized():
+        pytest.skip("this process is already a driver of another Ray cluster")
+    monkeypatch.setenv("RAY_ADDRESS", multinode_cluster.address)
+    connect()
+    try:
+        yield multinode_cluster
+    finally:
+        ray.shutdown()
+
+
+def _recording_request(asked: list):
+    """What ``wait_for_resources`` does by default (the autoscaler SDK's request_resources),
+    recording what reached the cluster: the request as the head's GCS stores it for Ray's v1
+    autoscaler (this cluster has no autoscaler: the test plays its part)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.sdk import request_resources
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def request(bundles: list[dict[str, float]]) -> None:
+        request_resources(bundles=bundles)
+        asked.append(json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)))
+
+    return request
+
+
+def _describe():
+    from wsdan.cluster import describe_cluster
+
+    return describe_cluster(autoscaling=True)  # as with --autoscaling-cluster (v1 autoscaler)
+
+
+def test_resource_wait_returns_once_a_node_that_fits_joins(driver):
+    """A worker of 4 CPUs (plus 1 for Ray Data) fits none of the nodes (the head has none,
+    w1 and w2 have 3 each, w2 may be down), though they hold 6 CPUs in all: the driver asks
+    for the bundles and waits. A few seconds later a node of 4 CPUs (w3, its own `ray start`)
+    joins, as an autoscaler would add it; the wait returns once it is in, and withdraws its
+    request."""
+    from wsdan.cluster import wait_for_resources
+    from wsdan.services import find_free_ports
+    from wsdan.services.ray_head import RayWorker, RayWorkerConfig, without_job_settings
+
+    bundles = [{"CPU": 4.0}, {"CPU": 1.0}]
+    assert not any(n.get("CPU", 0.0) >= 4 for n in _describe().nodes)
+    agent, metrics = find_free_ports(2)
+    root = Path(tempfile.mkdtemp(prefix="wsdan-mn-w3-", dir="/tmp"))
+    w3 = RayWorker(RayWorkerConfig(
+        head=driver.head.config, name="w3", temp_dir=root, num_cpus=4,
+        dashboard_agent_listen_port=agent, metrics_export_port=metrics,
+        min_worker_port=22400, max_worker_port=22599))  # w1, w2: 22000-22399
+    started, errors = [], []
+
+    def scale_up() -> None:
+        time.sleep(3)
+        started.append(time.monotonic())
+        try:
+            w3.start(environ=without_job_settings(), timeout=300)
+        except Exception as e:  # reported by the test below
+            errors.append(e)
+
+    asked, notes = [], []
+    adder = threading.Thread(target=scale_up, daemon=True)
+    try:
+        adder.start()
+        wait_for_resources(bundles, what="1 job of 1 worker (4 CPU per worker, 1 CPU for Ray "
+                           "Data)", timeout_s=300, describe=_describe,
+                           request=_recording_request(asked), log=notes.append, poll_s=1)
+        returned = time.monotonic()
+        adder.join(timeout=300)
+        assert not errors, errors
+        assert started and returned > started[0]  # it waited for the node
+        assert asked == [bundles, []]  # asked for the bundles, then withdrew the ask
+        assert "waiting up to 300s" in notes[0] and "4 CPU + 1 CPU, each on one node" in notes[0]
+        assert "cluster ready" in notes[-1] and "1 with 4 CPU" in notes[-1], notes
+        assert any(n.get("wsdan_node_w3") and n.get("CPU") == 4.0 for n in _describe().nodes)
+    finally:
+        adder.join(timeout=300)
+        w3.stop()
+        # Gone from the cluster before the next test counts its nodes.
+        deadline = time.monotonic() + 60
+        while w3.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not w3.alive(), "node w3 still listed as alive 60 s after it was stopped"
+
+
+def test_resource_wait_times_out_naming_what_it_waited_for(driver):
+    """Nothing joins: after the timeout the error names the flag, the job, the bundles it
+    waited for, the time and the nodes there are, and withdraws the request."""
+    from wsdan.cluster import wait_for_resources
+    from wsdan.config import ConfigError
+
+    bundles = [{"CPU": 8.0}]  # no node here has 8 CPUs, and this test adds none
+    asked = []
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        wait_for_resources(bundles, what="1 job of 1 worker (8 CPU per worker)", timeout_s=3,
+                           describe=_describe, request=_recording_request(asked),
+                           log=lambda _: None, poll_s=1)
+    assert time.monotonic() - t0 >= 3
+    msg = str(e.value)
+    assert msg.startswith("--num-workers: 1 job of 1 worker (8 CPU per worker) need 8 CPU, "
+                          "each on one node; after waiting 3s for the autoscaler the cluster "
+                          "has "), msg
+    assert re.search(r"has [23] node\(s\): [^.]*with 3 CPU[^.]*\. It did not add nodes in "
+                     r"time: .*raise --resource-timeout$", msg), msg
+    assert "memory" not in msg  # only the resources the job asks for
+    assert asked == [bundles, []]
