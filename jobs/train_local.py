@@ -70,4 +70,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))

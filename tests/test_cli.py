@@ -156,3 +156,47 @@ def test_evaluate_names_the_splits_a_data_set_has(tmp_path, capsys):
                  str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "has no 'test' images" in err and "its splits: train (5), val (2)" in err
+
+
+def test_a_ray_address_where_nothing_listens_fails_fast_and_says_what_to_do(monkeypatch):
+    import socket
+    import time
+
+    from wsdan.cluster import check_ray_address
+    from wsdan.config import ConfigError
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=f"RAY_ADDRESS=127.0.0.1:{port}: no Ray head") as e:
+        check_ray_address(f"127.0.0.1:{port}", timeout_s=2)
+    assert time.monotonic() - t0 < 10 and "wsdan stack up" in str(e.value)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        check_ray_address("no-port-here")
+    check_ray_address(None)  # a local Ray for this command
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_ray_address(f"127.0.0.1:{listening.getsockname()[1]}")
+
+
+def test_stack_env_exports_only_what_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WSDAN_STACK_DIR": str(tmp_path / "stack"),
+           "WSDAN_RAY_PORT": "1", "WSDAN_MLFLOW_PORT": "2", "WSDAN_S3_PORT": "3"}
+    out = subprocess.run([sys.executable, "-m", "wsdan.cli", "stack", "env"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("# not running: ray, mlflow, s3")
+    assert "RAY_ADDRESS" not in out and "MLFLOW_TRACKING_URI" not in out and "AWS_" not in out
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    # A data source that is not there: DataSourceError, not a traceback.
+    assert main(["evaluate", "--model", "models:/x@champion", "--data",
+                 str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no data set manifest") and "Traceback" not in err

@@ -69,14 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(module.main, job_parser, rest)
 
 
-def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Run a job's ``main`` on parsed arguments; a :class:`~wsdan.config.ConfigError` (bad
-    input, found before any cluster work) prints ``error: ...`` and returns exit code 2."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The error types that mean bad input or an unreachable service (found before any
+    work, or naming what to fix): printed as one ``error:`` line, exit code 2, no traceback."""
     from wsdan.config import ConfigError
+    from wsdan.data.decode import DecodeError
+    from wsdan.data.formats._common import DatasetFormatError
+    from wsdan.weights import WeightsError
 
+    errors: list[type[BaseException]] = [ConfigError, DatasetFormatError, WeightsError,
+                                         DecodeError]
+    if "wsdan.data.pipeline" in sys.modules:  # imported by whoever raised it (imports Ray)
+        errors.append(sys.modules["wsdan.data.pipeline"].DataSourceError)
+    return tuple(errors)
+
+
+def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Run a job's ``main`` on parsed arguments. A user-facing error (:func:`user_errors`:
+    bad config or input, a data set or service that cannot be reached) prints ``error:
+    ...`` and returns exit code 2; anything else is a bug and keeps its traceback."""
     try:
         job_main(parser.parse_args(argv))
-    except ConfigError as e:
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

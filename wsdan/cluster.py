@@ -74,15 +74,49 @@ def driver_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, An
     return {"env_vars": forwarded} if forwarded else None
 
 
+def check_ray_address(address: str | None, *, timeout_s: float = 15.0) -> None:
+    """Raise a :class:`ConfigError` within ``timeout_s`` when ``address`` (``host:port`` of
+    a Ray head's GCS) does not accept connections: ``ray.init`` would otherwise retry for
+    minutes, printing only GCS warnings. ``None``, ``auto``, ``local`` and ``ray://``
+    addresses are left to Ray."""
+    import socket
+    import time
+
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"RAY_ADDRESS={address!r}: expected HOST:PORT of a Ray head "
+                          "(its GCS port, 6379 by default)")
+    deadline, error = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=3):
+                return
+        except OSError as e:
+            error = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    raise ConfigError(
+        f"RAY_ADDRESS={address}: no Ray head answers there ({error}). Start the cluster "
+        "(locally: `wsdan stack up`), point RAY_ADDRESS at a running head, or unset it to "
+        "run on a Ray started for this command alone")
+
+
 def connect() -> None:
     """``ray.init`` for the project's entry points: the cluster at ``RAY_ADDRESS`` (or a
-    new local one), with :func:`driver_runtime_env`."""
+    new local one), with :func:`driver_runtime_env`. An address where nothing answers is
+    a clear error within seconds (:func:`check_ray_address`)."""
     import os
 
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
-             runtime_env=driver_runtime_env())
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    ray.init(address=address, ignore_reinit_error=True, runtime_env=driver_runtime_env())
 
 
 @dataclass(frozen=True)

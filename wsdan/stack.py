@@ -110,6 +110,24 @@ def client_env(paths: StackPaths) -> dict[str, str]:
     }
 
 
+def running_client_env(paths: StackPaths) -> tuple[dict[str, str], list[str]]:
+    """:func:`client_env` without the variables of services that are not running (a
+    RAY_ADDRESS where no head listens makes every Ray command wait), and their names."""
+    env, off = client_env(paths), []
+    st = status(paths)
+    if not st["ray"]["running"]:
+        off.append("ray")
+        for k in ("RAY_ADDRESS", "RAY_DASHBOARD_URL"):
+            env.pop(k)
+    if not st["mlflow"]["running"]:
+        off.append("mlflow")
+        env.pop("MLFLOW_TRACKING_URI")
+    if not st["s3"]["running"]:
+        off.append("s3")
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    return env, off
+
+
 def job_runtime_env(paths: StackPaths) -> dict[str, dict[str, str]]:
     """The ``runtime_env`` a job submitted to the stack needs (``ray job submit
     --runtime-env-json "$(wsdan stack runtime-env)"``): the S3 endpoint, a reference to the
@@ -236,5 +254,9 @@ def main(args: argparse.Namespace) -> None:
     elif args.action == "logs":
         show_logs(paths, args.service, lines=args.lines, follow=args.follow)
     else:  # env: for `eval "$(wsdan stack env)"`, on the user's own terminal
-        for k, v in client_env(paths).items():
+        env, off = running_client_env(paths)
+        if off:  # a shell comment: harmless under eval, visible when printed
+            print(f"# not running: {', '.join(off)} (its variables are left out; "
+                  "`wsdan stack up` starts the stack)")
+        for k, v in env.items():
             print(f"export {k}={v}")
