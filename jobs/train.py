@@ -42,6 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="where Ray puts the training workers: PACK (fewest nodes) or SPREAD "
                         "(one per node where possible)")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="also write the job's summary (run id, metrics, registered version) "
+                        "as JSON to PATH (local or s3://); it is logged to the MLflow run as "
+                        "summary.json too. Scripts read this, not the log's last line, which "
+                        "Ray's forwarded worker logs can follow")
     add_cluster_args(p)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
@@ -92,6 +97,11 @@ def main(args: argparse.Namespace) -> dict:
         if args.register_as:
             summary.update(_register(job.model, cfg, manifest, job.metrics, args.register_as,
                                      run_id=run.info.run_id))
+        mlflow.log_dict(summary, "summary.json")
+    if args.summary_json:
+        from wsdan import storage
+
+        storage.write_bytes(args.summary_json, (json.dumps(summary, indent=1) + "\n").encode())
     print(json.dumps(summary))
     return summary
 

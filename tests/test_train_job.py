@@ -9,6 +9,7 @@ class-count mismatch before any cluster work.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,7 +135,7 @@ def _job_argv(name: str, data: str, *extra: str) -> list[str]:
 
 
 def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, mlflow_env,
-                                                s3_server):
+                                                s3_server, tmp_path):
     """A separate driver process runs a 3-epoch job on the session cluster; once the first
     checkpoint is in S3, one training worker is SIGKILLed; the job restarts the worker group
     from that checkpoint (FailureConfig) and finishes all 3 epochs."""
@@ -146,7 +147,9 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     import psutil
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, *_job_argv("job-kill", prepared, "optim.epochs=3")],
+    summary_path = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, *_job_argv("job-kill", prepared, "optim.epochs=3",
+                                                        "--summary-json", str(summary_path))],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     deadline = time.monotonic() + 900  # the first checkpoint: ~1 min idle, far more loaded
@@ -162,9 +165,14 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     out, _ = proc.communicate(timeout=600)
     assert killed is not None, out[-3000:]
     assert proc.returncode == 0, out[-3000:]
-    # Ray forwards worker log lines asynchronously: they may come after the summary line.
-    summary = json.loads([ln for ln in out.splitlines() if ln.startswith('{"run_id"')][-1])
+    # The summary file, not the output's last line: Ray forwards worker log lines
+    # asynchronously, and they may come after it.
+    summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 3
+    from mlflow import MlflowClient
+
+    logged = MlflowClient().download_artifacts(summary["run_id"], "summary.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text()) == summary
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
 
 

@@ -128,6 +128,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if state is None:
         parent = mlflow.start_run(run_name=name, tags={"wsdan.sweep": name})
         _log_sweep(sweep, name, concurrent, log_config)
+        from wsdan.tracking.card import log_run_provenance
+
+        log_run_provenance(sweep.train.data.source, manifest)  # git commit, dataset inputs
         state = {"name": name, "sweep": sweep.raw, "train": sweep.train.to_dict(),
                  "parent_run_id": parent.info.run_id, "experiment": args.experiment}
         storage.write_bytes(_state_uri(args.storage_path, name),
@@ -309,11 +312,16 @@ def _finish(grid, sweep, name: str, register_as: str | None, manifest: dict) -> 
     summary.update({"best_trial": best.trial_id, "best_val_fused_top1": best.best,
                     "best_epoch": best.best_epoch, "best_params": best.params})
     if register_as:
+        from wsdan.tracking.card import apply_card, model_card
         from wsdan.tracking.pyfunc import log_wsdan_model
         from wsdan.tracking.registry import register_if_better
 
         info = log_wsdan_model(model, best_cfg, list(manifest["classes"]), name="model")
         reg = register_if_better(info.model_uri, register_as, "val_fused_top1", best.best)
+        card_metrics = {**(state.get("metrics") or {}), "val_fused_top1": best.best}
+        apply_card(register_as, reg.version, *model_card(
+            best_cfg, manifest, card_metrics, run_id=mlflow.active_run().info.run_id,
+            extra={"wsdan.sweep": name, "wsdan.best_trial": best.trial_id}))
         print(f"[wsdan] registered {register_as} version {reg.version}: "
               + ("now @champion" if reg.became_champion else f"not champion ({reg.reason})"),
               flush=True)

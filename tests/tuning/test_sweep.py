@@ -146,6 +146,15 @@ def test_small_sweep_stops_early_logs_children_and_registers(
     # The best trial's model is registered, and predicts.
     assert out["registered_version"] == 1 and out["champion"] is True
     assert out["best_val_fused_top1"] == pytest.approx(table["best_val_fused_top1"].max())
+    # Its model card: the data set, the sweep and trial, the code's commit; the parent run
+    # lists the data it was trained on.
+    mv = client.get_model_version("wsdan-sweep-test", "1")
+    assert mv.tags["wsdan.sweep"] == "sweep-a" and mv.tags["wsdan.best_trial"] == out["best_trial"]
+    assert mv.tags["data.digest"] in mv.description and mv.tags["git.commit"] in mv.description
+    assert float(mv.tags["val_fused_top1"]) == pytest.approx(out["best_val_fused_top1"])
+    inputs = client.get_run(parent).inputs.dataset_inputs
+    assert {d.dataset.digest for d in inputs} == {mv.tags["data.digest"]}
+    assert len(inputs) == 2  # train and val
     model = mlflow.pyfunc.load_model("models:/wsdan-sweep-test@champion")
     from io import BytesIO
 
