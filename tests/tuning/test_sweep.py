@@ -290,7 +290,10 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
 
     from wsdan.services.ray_head import ray_env
 
-    path = _sweep_file(tmp_path, colours)
+    # Small: what is tested here is the submission (runtime_env, logs, no secrets), the
+    # sweep itself is tested above. Two one-epoch trials.
+    path = _sweep_file(tmp_path, colours, trials=2,
+                       overrides={**TINY, "data.source": colours, "optim.epochs": 1})
     ray_bin = str(Path(sys.executable).with_name("ray"))
     address = ["--address", ray_head_node.config.dashboard_url]
     # The job names its cluster: the test session runs a second Ray on this machine, and
@@ -312,7 +315,7 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
     status = JobSubmissionClient(ray_head_node.config.dashboard_url).get_job_status(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
-    assert summary["trials"] == 4 and summary["trials_failed"] == 0
+    assert summary["trials"] == 2 and summary["trials_failed"] == 0
     assert "| trial_id |" in logs  # the results table is printed for the user
     assert s3_server.config.secret_key not in logs + json.dumps(env_vars)
 
