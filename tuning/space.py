@@ -26,15 +26,14 @@ Errors are :class:`~wsdan.config.ConfigError` naming the key (``space.optim.lr: 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from wsdan.config import ConfigError, TrainConfig
+from wsdan.config import ConfigError, TrainConfig, parse_yaml, read_file
 
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 THRESHOLDS = {  # pseudo-key -> (low key, high key)
@@ -78,7 +77,19 @@ class Domain:
         return max(self.extremes())
 
 
-def parse_domain(key: str, spec: Any) -> Domain:
+def _finite(x: Any) -> bool:
+    """A real number (not bool) that is finite as a float (an int beyond float's range is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def parse_domain(key: str, spec: Any, *, numeric: bool = False) -> Domain:
+    """One domain; ``numeric``: a choice too must be of finite numbers (threshold parts,
+    which are added and compared)."""
     where = f"space.{key}"
     if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
         raise ConfigError(f"{where}: expected one of {{{', '.join(k + ': ...' for k in DOMAINS)}}}"
@@ -87,12 +98,14 @@ def parse_domain(key: str, spec: Any) -> Domain:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: choice needs a non-empty list, got {args!r}")
+        if numeric and not all(_finite(a) for a in args):
+            raise ConfigError(f"{where}: choice needs finite numbers here, got {args!r}")
         return Domain(key, kind, tuple(args))
     if (not isinstance(args, list) or len(args) != 2
             or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
         raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
     low, high = args
-    if not all(math.isfinite(a) for a in args):
+    if not all(_finite(a) for a in args):
         raise ConfigError(f"{where}: {kind} bounds must be finite, got {args!r}")
     if low > high:
         raise ConfigError(f"{where}: {kind} low {low!r} > high {high!r}")
@@ -127,7 +140,7 @@ class SearchSpace:
                                       f"(low = center - half_width, high = center + "
                                       f"half_width), got {spec!r}")
                 for part in THRESHOLD_PARTS:
-                    d = parse_domain(f"{key}.{part}", spec[part])
+                    d = parse_domain(f"{key}.{part}", spec[part], numeric=True)
                     domains[d.key] = d
             elif key in known:
                 if any(key in pair for pair in THRESHOLDS.values()):
@@ -261,7 +274,7 @@ def _section(d: Any, cls: type, where: str) -> Any:
         return cls()
     names = {f.name for f in dataclasses.fields(cls)}
     if isinstance(d, Mapping) and set(d) - names:
-        raise ConfigError(f"{where}.{sorted(set(d) - names)[0]}: unknown key (known: "
+        raise ConfigError(f"{where}.{sorted(set(d) - names, key=str)[0]}: unknown key (known: "
                           f"{', '.join(sorted(names))})")
     return from_dict(cls, dict(d) if isinstance(d, Mapping) else d, prefix=f"{where}.")
 
@@ -277,7 +290,7 @@ def parse_sweep(d: Any, *, origin: str | Path | None = None,
 
     if not isinstance(d, Mapping):
         raise ConfigError(f"sweep config: top level must be a mapping, got {d!r}")
-    unknown = sorted(set(d) - _TOP_KEYS)
+    unknown = sorted(set(d) - _TOP_KEYS, key=str)  # YAML keys may be ints, None...
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown sweep key (known: {', '.join(sorted(_TOP_KEYS))})")
     if "base" not in d:
@@ -340,20 +353,20 @@ def _find_base(base: str, origin: str | Path | None) -> Path:
     if origin is not None and not Path(base).is_absolute():
         candidates.append(Path(origin).parent / base)
     for c in candidates:
-        if c.is_file():
-            return c
+        with contextlib.suppress(OSError):  # e.g. a name too long for the file system
+            if c.is_file():
+                return c
     raise ConfigError(f"base: training config {base!r} not found (looked in "
                       f"{', '.join(str(c) for c in candidates)})")
 
 
 def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> SweepConfig:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep config file not found: {p}")
+    text = read_file(p, "sweep config file")
     try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        d = parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     try:
         return parse_sweep(d, origin=p, cli_overrides=cli_overrides)
     except ConfigError as e:

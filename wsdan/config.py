@@ -10,7 +10,9 @@ docs/operations.md (``python -m jobs.config_reference`` writes it; every field n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,9 +190,11 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
+        text = read_file(p, "config file")
+        try:
+            d = parse_yaml(text) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(d).__name__}")
         try:
@@ -234,6 +238,28 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_file(path: str | Path, what: str) -> bytes:
+    """The bytes of the file ``path`` (``what`` names it in errors); :class:`ConfigError` when it
+    is missing or cannot be read (a name too long for the file system is an OSError)."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+    raise ConfigError(f"{what} not found: {p}")
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """``yaml.safe_load``; what is not YAML is a :class:`ConfigError`. Give a file's bytes: PyYAML
+    then reports bad UTF-8 as a YAMLError. Besides YAMLError it raises ValueError (an integer of
+    over 4300 digits) and RecursionError (deep nesting)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"not valid YAML ({e})") from None
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Check/convert a plain value to the annotated field type; error names the field."""
     origin = typing.get_origin(tp)
@@ -257,14 +283,22 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string: accept numeric strings.
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            # inf passes most range checks (lr > 0) and NaN fails them with a confusing
+            # message; an int beyond float's range would raise OverflowError in float().
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(number)
+            except OverflowError:
+                number = math.inf
+            _check(math.isfinite(number), name, "must be a finite number", value)
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -280,7 +314,7 @@ def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(set(d) - names, key=str)  # YAML keys may be ints, None...: sort as text
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s} (known in {prefix.rstrip('.') or 'top level'}:"
@@ -308,7 +342,11 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw), what=f"override {item!r}")
+        try:
+            value = parse_yaml(raw)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: value is {e}") from None
+        _set_dotted(out, key.strip(), value, what=f"override {item!r}")
     return out
 
 

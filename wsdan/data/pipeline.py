@@ -202,7 +202,7 @@ def read_manifest(root_uri: str) -> dict[str, Any]:
         raise DataSourceError(_scrub(f"{where}{e}{hint}")) from None
     try:
         manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DataSourceError(f"{_where(uri)} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise DataSourceError(f"{_where(uri)}: expected a JSON object")
@@ -213,7 +213,56 @@ def read_manifest(root_uri: str) -> dict[str, Any]:
     missing = [k for k in ("classes", "num_classes", "counts", "shards") if k not in manifest]
     if missing:
         raise DataSourceError(f"{_where(uri)}: missing keys {missing}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataSourceError(f"{_where(uri)}: {problem}")
     return manifest
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_paths(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(p, str) for p in x)
+
+
+def _is_row_groups(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(g, list) and all(map(_is_count, g)) for g in x)
+
+
+# Per-split fields: key -> (check of one split's value, what it must be). row_groups is
+# optional (without it the shards' footers are read).
+_PER_SPLIT = {
+    "counts": (_is_count, "an image count >= 0"),
+    "shards": (_is_paths, "a list of shard paths"),
+    "row_groups": (_is_row_groups, "a list of row counts per shard"),
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the fields readers use (classes, num_classes, counts, shards,
+    row_groups), naming the key; None when nothing is. Without this check a wrong type
+    surfaces later as a TypeError deep in the launcher, the model card or the reader."""
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return f"classes must be a list of class names, got {_short(classes)}"
+    if not _is_count(manifest["num_classes"]) or manifest["num_classes"] != len(classes):
+        return (f"num_classes must be the number of classes ({len(classes)}), got "
+                f"{_short(manifest['num_classes'])}")
+    for key, (ok, what) in _PER_SPLIT.items():
+        value = manifest.get(key, {})
+        if not isinstance(value, dict):
+            return f"{key} must map each split name to {what}, got {_short(value)}"
+        for split, v in value.items():
+            if not ok(v):
+                return f"{key}.{split} must be {what}, got {_short(v)}"
+    return None
 
 
 def _shard_paths(root_uri: str, manifest: dict[str, Any],

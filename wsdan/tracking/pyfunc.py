@@ -271,21 +271,26 @@ def preprocess(images: Sequence[Any], *, resize_size: int, image_size: int) -> T
 def _image_values(model_input: Any) -> list[Any]:
     """The images of an input, in row order; an empty input or one without an ``image``
     column is a client error (:class:`MlflowException`, HTTP 400 when served)."""
+    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        model_input = model_input[IMAGE_COLUMN]
+        if not isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
+            model_input = [model_input]  # one image (not the characters of its text)
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
             raise _bad_input(
                 f"input needs a column {IMAGE_COLUMN!r} of images, got columns "
                 f"{[str(c) for c in model_input.columns]}"
             )
-        values = list(model_input[IMAGE_COLUMN])
+        column = model_input[IMAGE_COLUMN]
+        if isinstance(column, pd.DataFrame):  # else list() would give the column labels
+            raise _bad_input(f"input has {column.shape[1]} columns named {IMAGE_COLUMN!r}")
+        values = list(column)
     elif isinstance(model_input, pd.Series):
         values = list(model_input)
-    elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
-        values = list(model_input[IMAGE_COLUMN])
-    elif isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and (
-        model_input.ndim in (2, 3)
-    ):
-        values = [model_input]  # a single image
+    elif isinstance(model_input, np.ndarray) and (model_input.ndim == 0 or (
+        model_input.dtype == np.uint8 and model_input.ndim in (2, 3)
+    )):
+        values = [model_input]  # a single image (a 0-d array cannot be iterated)
     elif isinstance(model_input, (list, tuple, np.ndarray)):
         values = list(model_input)  # N×H×W×3 uint8 arrays split into images
     else:
