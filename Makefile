@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_START := $(shell date +%s)
 
 .PHONY: demo demo-local stack-down tools test test-multinode test-fast lint bench-step bench-learning clean-demo
 
@@ -31,8 +32,9 @@ tools: $(TOOLS_STAMP)
 # Main job: local stack (S3, MLflow, Ray head on loopback), generated data set prepared
 # into the bucket, stand-in pretrained backbone (made once, reused), `ray job submit` of
 # the distributed training job, model registered in MLflow. See infra/demo.sh.
+# DEMO_START is taken when make starts, before the install: the demo's closing line counts it.
 demo: $(STAMP)
-	PY=$(PY) bash infra/demo.sh
+	WSDAN_DEMO_START=$(DEMO_START) PY=$(PY) bash infra/demo.sh
 
 # The same training in one process, no services.
 demo-local: $(STAMP)

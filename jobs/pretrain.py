@@ -37,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=1000,
                    help="generator seed (the fine-grained set uses 0)")
     p.add_argument("--force", action="store_true", help="retrain even if --out exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 
@@ -59,10 +60,14 @@ def main(args: argparse.Namespace) -> dict:
     print(f"generated {args.n_train} + {args.n_val} pretraining images "
           f"({time.perf_counter() - t0:.1f}s)")
     t0 = time.perf_counter()
-    model, hist = fit_plain(cfg, train, val, num_classes=n_classes, log_fn=print)
-    for h in hist:
-        print(f"epoch {h['epoch']}: train loss {h['loss']:.3f} top1 {h['train_top1']:.3f} | "
-              f"val top1 {h['val_top1']:.3f} | {h['epoch_time_s']:.0f}s")
+
+    def line(h: dict) -> None:
+        print(f"epoch {h['epoch']}/{cfg.optim.epochs}: train loss {h['loss']:.3f} top1 "
+              f"{h['train_top1']:.3f} | val top1 {h['val_top1']:.3f} | "
+              f"{h['epoch_time_s']:.0f}s", flush=True)
+
+    model, hist = fit_plain(cfg, train, val, num_classes=n_classes,
+                            progress=not args.no_progress, on_epoch=line)
     save_backbone_weights(model, args.out)
     result = {"out": args.out, "val_top1": hist[-1]["val_top1"],
               "chance": 1 / n_classes, "wall_s": round(time.perf_counter() - t0, 1)}

@@ -47,6 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "as JSON to PATH (local or s3://); it is logged to the MLflow run as "
                         "summary.json too. Scripts read this, not the log's last line, which "
                         "Ray's forwarded worker logs can follow")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output here (worker logs, Ray Data progress, "
+                        "Ray Train reports); by default it stays in the cluster's log files "
+                        "and this output shows the job's progress bar and epoch lines")
     add_cluster_args(p)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
@@ -72,7 +76,10 @@ def main(args: argparse.Namespace) -> dict:
     # 2. The cluster: no node-local paths on several nodes, room for the workers.
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
-    connect()
+    connect(quiet=not args.verbose)
+    if not args.verbose:
+        print("[wsdan] Ray's own logs stay in the cluster's log files (the dashboard's Logs "
+              "tab); --verbose shows them here", flush=True)
     check_cluster(spec, cfg=cfg, tracking_uri=tracking_uri)
 
     # 3. One MLflow run per job, created here (never by the workers); a resumed job
@@ -90,7 +97,7 @@ def main(args: argparse.Namespace) -> dict:
             mlflow.set_tag("wsdan.resumed", "true")
             print(f"[wsdan] resuming job {spec.name!r}: continuing MLflow run {run_id}",
                   flush=True)
-        job = run_job(cfg, spec, manifest=manifest,
+        job = run_job(cfg, spec, manifest=manifest, progress=True,
                       mlflow_spec={"tracking_uri": tracking_uri, "run_id": run.info.run_id})
         log_final_figures(job.state, job.class_names)
         summary = {"run_id": run.info.run_id, **job.summary()}
@@ -102,8 +109,40 @@ def main(args: argparse.Namespace) -> dict:
         from wsdan import storage
 
         storage.write_bytes(args.summary_json, (json.dumps(summary, indent=1) + "\n").encode())
+    print(closing_lines(summary, tracking_uri=tracking_uri, experiment_id=experiment_id,
+                        registered=args.register_as), flush=True)
     print(json.dumps(summary))
     return summary
+
+
+def closing_lines(summary: dict, *, tracking_uri: str, experiment_id: str,
+                  registered: str | None) -> str:
+    """What happened and what to open next: accuracy, time, the MLflow run and model
+    version (deep links when the tracking URI is a server), the dashboard, how to serve."""
+    from wsdan.cluster import DASHBOARD_URL
+
+    metrics = summary.get("metrics") or {}
+    acc = metrics.get("val_fused_top1", summary.get("val_fused_top1"))
+    wall = float(summary.get("wall_s") or 0.0)
+    lines = [f"[wsdan] done: {summary.get('epochs')} epochs in {wall / 60:.1f} min; "
+             + (f"val fused top-1 {acc:.4f}" if isinstance(acc, (int, float)) else
+                "no val accuracy")
+             + (f" (best epoch {summary['best_epoch']})" if summary.get("best_epoch") else "")]
+    web = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
+    run_id = summary.get("run_id")
+    lines.append(f"  MLflow run:    {web}/#/experiments/{experiment_id}/runs/{run_id}" if web
+                 else f"  MLflow run:    {run_id} in {tracking_uri}")
+    if registered and summary.get("registered_version"):
+        version = summary["registered_version"]
+        where = (f"{web}/#/models/{registered}/versions/{version}" if web
+                 else f"models:/{registered}/{version}")
+        champion = "now @champion" if summary.get("champion") else "not champion"
+        lines.append(f"  model:         {where} ({champion})")
+        lines.append(f"  serve it:      wsdan serve {registered}"
+                     + ("" if summary.get("champion") else f"/{version}"))
+    if DASHBOARD_URL:
+        lines.append(f"  Ray dashboard: {DASHBOARD_URL}")
+    return "\n".join(lines)
 
 
 def _resumable_run(resumed: dict | None, tracking_uri: str, experiment_id: str) -> str | None:

@@ -169,6 +169,19 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     # asynchronously, and they may come after it.
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 3
+    # What the person who started it saw: each epoch's line once (the driver prints them;
+    # the workers' own output stays in Ray's logs), an epoch redone after the kill marked as
+    # such, then what happened and where to look.
+    lines = out.splitlines()
+    for k in (1, 2, 3):
+        assert sum(ln.startswith(f"[wsdan] epoch {k}/3 |") for ln in lines) == 1, out[-3000:]
+    again = [ln for ln in lines if "(again, after a restart)" in ln]
+    assert all(ln.startswith(("[wsdan] epoch 1/3 (again", "[wsdan] epoch 2/3 (again"))
+               for ln in again), out[-3000:]
+    assert any(ln.startswith("[wsdan] done: 3 epochs in ") for ln in lines), out[-3000:]
+    assert any("MLflow run:    http://127.0.0.1:" in ln and ln.endswith(f"/runs/{summary['run_id']}")
+               for ln in lines), out[-3000:]
+    assert "(RayTrainWorker" not in out  # no forwarded worker log lines by default
     from mlflow import MlflowClient
 
     logged = MlflowClient().download_artifacts(summary["run_id"], "summary.json", str(tmp_path))

@@ -104,19 +104,46 @@ def check_ray_address(address: str | None, *, timeout_s: float = 15.0) -> None:
         "run on a Ray started for this command alone")
 
 
-def connect() -> None:
+#: The connected cluster's dashboard, as ``ray.init`` reported it (``connect``).
+DASHBOARD_URL: str | None = None
+
+
+def connect(*, quiet: bool = False) -> None:
     """``ray.init`` for the project's entry points: the cluster at ``RAY_ADDRESS`` (or a
     new local one), with :func:`driver_runtime_env`. An address where nothing answers is
-    a clear error within seconds (:func:`check_ray_address`)."""
+    a clear error within seconds (:func:`check_ray_address`).
+
+    ``quiet``: the workers' output (Ray Data's progress bars and plans, Ray Train's
+    reports, third-party warnings) is not forwarded to this driver; it stays in the
+    cluster's log files (the dashboard's Logs tab), and Ray's own INFO lines and Python's
+    deprecation warnings are not printed here. The project's own progress and messages
+    still are (``wsdan.progress``)."""
+    import logging
     import os
+    import warnings
 
     import ray
 
+    global DASHBOARD_URL
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     check_ray_address(address)
-    ray.init(address=address, ignore_reinit_error=True, runtime_env=driver_runtime_env())
+    if quiet:
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its run links: ours say them
+    ctx = ray.init(address=address, ignore_reinit_error=True, runtime_env=driver_runtime_env(),
+                   log_to_driver=not quiet,
+                   logging_level=logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False  # the driver's own, if any
+    url = os.environ.get("RAY_DASHBOARD_URL") or getattr(ctx, "dashboard_url", None)
+    if url and "://" not in url:
+        url = f"http://{url}"
+    DASHBOARD_URL = url or None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ def train_one_epoch(
     log: Callable[[str], None] | None = None,
     log_every: int = 20,
     accel: Accel | None = None,
+    progress: Callable[[int, int, int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of WS-DAN steps; returns mean losses, accuracy on raw images, img/s and
     the fraction of wall time spent waiting for data.
@@ -54,6 +55,10 @@ def train_one_epoch(
     pass the job's own so that an fp16 gradient scaler keeps its state across epochs).
     The running sums stay on the device: the host reads them every ``log_every`` steps
     (only when logging) and at the end of the epoch, not every step.
+
+    ``progress(epoch, step, steps_per_epoch, images, elapsed_s)`` is called after every
+    step with counts the loop keeps on the host anyway (no sync); it throttles itself
+    (``wsdan.progress.StepReporter``).
     """
     model.train()
     accel = accel if accel is not None else Accel.from_config(cfg.model, device)
@@ -81,6 +86,8 @@ def train_one_epoch(
                              res.loss_drop * b, res.loss_center * b,
                              correct.to(res.loss.dtype)]).double()
         n_img += b
+        if progress is not None:
+            progress(epoch, i + 1, steps_per_epoch, n_img, time.perf_counter() - t0)
         if log is not None and (i + 1) % log_every == 0:
             log(f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {res.loss.item():.4f} "
                 f"lr {lr:.2e}")

@@ -86,12 +86,16 @@ class JobResult:
     wall_s: float
     datasets: dict[str, Any] = field(repr=False)
     class_names: list[str] = field(default_factory=list)
+    # Where the last epoch ran, and whether its replicas agreed (from the latest checkpoint,
+    # which is not the best one when an earlier epoch scored higher).
+    last_worker_nodes: list[str] | None = None
+    last_replica_digests: list[str] | None = None
 
     def summary(self) -> dict[str, Any]:
-        digests = self.state.get("replica_digests") or []
+        digests = self.last_replica_digests or self.state.get("replica_digests") or []
         return {"epochs": self.epochs, "best_epoch": self.best_epoch,
                 "wall_s": round(self.wall_s, 1),
-                "worker_nodes": self.state.get("worker_nodes"),
+                "worker_nodes": self.last_worker_nodes or self.state.get("worker_nodes"),
                 "replicas_identical": len(set(digests)) == 1 if digests else None,
                 **{k: self.metrics[k] for k in self.metrics if k.startswith("val_")}}
 
@@ -200,6 +204,7 @@ def build_trainer(
     figures: bool = True,
     mlflow_spec: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
+    progress: Any = None,
 ):
     """A TorchTrainer running ``wsdan.raytrain.train_loop_per_worker``.
 
@@ -218,7 +223,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "num_train_rows": num_train_rows,
                            "class_names": class_names, "mlflow": mlflow_spec,
-                           "figures": figures},
+                           "figures": figures, "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu,
             resources_per_worker=dict(spec.resources_per_worker)
@@ -249,6 +254,7 @@ def run_job(
     mlflow_spec: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     figures: bool = True,
+    progress: bool = False,
 ) -> JobResult:
     """Run one training job on the connected Ray cluster and return its best model.
 
@@ -258,7 +264,8 @@ def run_job(
     are the caller's too. mlflow_spec
     (``tracking_uri``, ``run_id``): rank 0 logs per-epoch metrics (and, with ``figures``,
     attention heat-maps) to that existing run. callbacks: extra ``ray.train.UserCallback``
-    objects. Raises the training error if the run failed after its retries.
+    objects. With ``progress``, the driver shows a bar per epoch and one line per epoch
+    (``wsdan.progress``). Raises the training error if the run failed after its retries.
     """
     from wsdan.data.pipeline import build_dataset
 
@@ -271,23 +278,42 @@ def run_job(
                              seed=cfg.seed, shuffle=False),
     }
     class_names = [str(c) for c in manifest["classes"]]
+    board = None
+    if progress:
+        from wsdan.progress import create_board
+
+        board = create_board()
     trainer = build_trainer(
         cfg, spec, datasets=datasets, num_train_rows=int(manifest["counts"]["train"]),
         class_names=class_names, figures=figures, mlflow_spec=mlflow_spec,
-        callbacks=callbacks)
+        callbacks=callbacks, progress=board)
     t0 = time.perf_counter()
-    result = trainer.fit()
+    if board is not None:
+        from wsdan.progress import DriverProgress
+
+        with DriverProgress(board, epochs=cfg.optim.epochs):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.error:
         raise result.error
     checkpoint = best_checkpoint(result)
     model, state = model_from_checkpoint(checkpoint)
     last = result.metrics or {}
+    last_state = state
+    if result.checkpoint is not None and result.checkpoint.path != checkpoint.path:
+        from wsdan.raytrain import load_checkpoint
+
+        with result.checkpoint.as_directory() as d:
+            last_state = load_checkpoint(d)
     return JobResult(model=model, state=state, checkpoint=checkpoint,
                      metrics=dict(state["metrics"]),
                      epochs=int(last.get("epoch", state["epoch"])),
                      best_epoch=int(state["epoch"]), wall_s=wall, datasets=datasets,
-                     class_names=class_names)
+                     class_names=class_names,
+                     last_worker_nodes=last_state.get("worker_nodes"),
+                     last_replica_digests=last_state.get("replica_digests"))
 
 
 def best_checkpoint(result) -> Any:

@@ -149,8 +149,11 @@ def fit_plain(
     num_classes: int,
     label_key: str = "label",
     log_fn: Callable[[str], None] | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[PlainClassifier, list[dict]]:
-    """Train the plain baseline (backbone + GAP + linear) with the same recipe."""
+    """Train the plain baseline (backbone + GAP + linear) with the same recipe. With
+    ``progress``, a bar per epoch (steps, ETA); ``on_epoch(metrics)`` after each epoch."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = PlainClassifier(build_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights),
@@ -165,7 +168,13 @@ def fit_plain(
     history = []
     for epoch in range(cfg.optim.epochs):
         t0 = time.perf_counter()
-        metrics = plain_train_epoch(model, optimizer, train.batches(bs, generator=gen, drop_last=True),
+        batches = train.batches(bs, generator=gen, drop_last=True)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                           unit="step", leave=False)
+        metrics = plain_train_epoch(model, optimizer, batches,
                                     cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr,
                                     generator=gen, label_key=label_key, log=log_fn)
         if val is not None:
@@ -174,6 +183,8 @@ def fit_plain(
         metrics["epoch"] = epoch + 1
         metrics["epoch_time_s"] = time.perf_counter() - t0
         history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
     return model, history
 
 

@@ -143,6 +143,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     steps = max(config["num_train_rows"] // global_batch, 1)
     logger = _RankZeroLogger(config.get("mlflow")) if rank == 0 else None
+    board = config.get("progress")  # the driver's ProgressBoard (wsdan.progress), if any
+    reporter = None
+    if board is not None and rank == 0:
+        from wsdan.progress import StepReporter
+
+        reporter = StepReporter(board, world=world)
     if logger is not None and ckpt is not None:
         logger.ensure_epoch_logged(state.get("metrics") or {}, start_epoch)
     figure_batch: dict[str, torch.Tensor] | None = None  # rank 0's first val images
@@ -164,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      epoch=epoch, pin_memory=pin),
             cfg=cfg, epoch=epoch, steps_per_epoch=steps, base_lr=base_lr, generator=gen,
             device=device, accel=accel,
+            progress=reporter.step if reporter is not None else None,
         )
         metrics = reduce_train_metrics(metrics, world, device)
         # Evaluate the plain module, not DDP: ranks hold different numbers of val batches
@@ -213,8 +220,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "replica_digests": digests,  # of each rank's weights and buffers
                 })
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[wsdan] {format_epoch(metrics)}", flush=True)  # in the job's logs
+                if reporter is None:  # no driver board: the line goes to the job's logs
+                    print(f"[wsdan] {format_epoch(metrics)}", flush=True)
             ray.train.report(metrics, checkpoint=checkpoint)
+            if reporter is not None:  # once the checkpoint is stored
+                reporter.epoch(metrics, cfg.optim.epochs)
         # Logged once the epoch's checkpoint is stored: a job that dies before that redoes
         # the epoch and logs it then; one that dies right after logs it on resume
         # (ensure_epoch_logged). Either way every epoch is logged exactly once.

@@ -239,6 +239,7 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
     from mlflow import MlflowClient
 
     path = _sweep_file(tmp_path, colours, trials=3,
+                       overrides={**TINY, "data.source": colours, "optim.epochs": 2},
                        resources={"num_workers": 1, "data_cpus": 1, "max_concurrent": 2})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     argv = [sys.executable, "-m", "tuning.sweep", "--storage-path", f"s3://{BUCKET}/sweeps",
