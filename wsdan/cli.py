@@ -75,13 +75,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from wsdan.config import ConfigError
     from wsdan.data.decode import DecodeError
     from wsdan.data.formats._common import DatasetFormatError
+    from wsdan.data.manifest import DataSourceError
     from wsdan.weights import WeightsError
 
-    errors: list[type[BaseException]] = [ConfigError, DatasetFormatError, WeightsError,
-                                         DecodeError]
-    if "wsdan.data.pipeline" in sys.modules:  # imported by whoever raised it (imports Ray)
-        errors.append(sys.modules["wsdan.data.pipeline"].DataSourceError)
-    return tuple(errors)
+    return (ConfigError, DataSourceError, DatasetFormatError, WeightsError, DecodeError)
 
 
 def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

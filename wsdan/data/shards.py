@@ -52,10 +52,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from wsdan.data.formats import SPLITS, Box, DatasetListing, ImageRecord
+from wsdan.data.manifest import FORMAT_VERSION, MANIFEST
 from wsdan.storage import filesystem_and_path, write_bytes
 
-FORMAT_VERSION = 1
-MANIFEST = "dataset.json"
 # Rows per row group, the pipeline's read + decode unit (one Ray task): ~10 MB of CUB-sized
 # JPEGs, ~1 s of decoding at 512 px. Smaller groups cost a request and a task per few images.
 ROW_GROUP_ROWS = 128
