@@ -50,6 +50,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-period", type=int, default=30,
                    help="seconds between uploads of the sweep state to a remote storage path: "
                         "a driver that dies loses at most this much of the sweep's record")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="also write the sweep's summary (parent run, trials, best trial, "
+                        "registered version) as JSON to PATH (local or s3://); scripts read "
+                        "this, not the output's last line")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output here (Tune's status tables, worker logs); "
+                        "by default it stays in the cluster's log files and this output "
+                        "shows one line per trial epoch and per finished trial")
     add_cluster_args(p)
     p.add_argument("overrides", nargs="*", help="base config overrides, key=value")
     return p
@@ -119,7 +127,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(min(5.0, args.sync_period)))
     tracking_uri = resolve_tracking_uri()
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
-    connect()
+    connect(quiet=not args.verbose)
+    if not args.verbose:
+        print("[wsdan] Ray's own logs stay in the cluster's log files (the dashboard's Logs "
+              "tab); --verbose shows them here", flush=True)
     concurrent = _check_cluster(sweep, args, tracking_uri)
     _check_state_api()
     root = _root(args.storage_path)
@@ -149,7 +160,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         grid = _tuner(sweep, setup, name, root, concurrent, resume=args.resume is not None,
-                      sync_period=args.sync_period).fit()
+                      sync_period=args.sync_period, verbose=args.verbose).fit()
         summary = _finish(grid, sweep, name, args.register_as, manifest)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         mlflow.log_metric("sweep_wall_s", summary["wall_s"])
@@ -157,6 +168,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
+    if args.summary_json:
+        storage.write_bytes(args.summary_json, (json.dumps(summary, indent=1) + "\n").encode())
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -218,14 +231,14 @@ def _log_sweep(sweep, name: str, concurrent: int, log_config) -> None:
 
 
 def _tuner(sweep, setup, name: str, root: str, concurrent: int, *, resume: bool,
-           sync_period: float):
+           sync_period: float, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from tuning.space import METRIC, MODE
-    from tuning.trial import TrialRunStatus, train_trial
+    from tuning.trial import SweepLog, TrialRunStatus, train_trial
 
     # The trainable itself only waits on its TorchTrainer (whose workers hold the CPUs and
     # GPUs), so it holds a token share of a CPU (Tune refuses an empty request); the
@@ -257,7 +270,7 @@ def _tuner(sweep, setup, name: str, root: str, concurrent: int, *, resume: bool,
         run_config=tune.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[TrialRunStatus(setup)], verbose=1,
+            callbacks=[TrialRunStatus(setup), SweepLog(setup)], verbose=1 if verbose else 0,
             sync_config=tune.SyncConfig(sync_period=sync_period)),
     )
 

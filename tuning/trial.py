@@ -156,3 +156,70 @@ def _error_text(trial: Any) -> str:
     except Exception as e:  # noqa: BLE001 - the error file may be gone; say so
         return f"(error not readable: {e})"
     return f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+
+
+class SweepLog(tune.Callback):
+    """Driver-side Tune callback: the sweep's own progress, one line per event, in place of
+    Tune's status tables (which ``--verbose`` brings back).
+
+    - each reported epoch of each trial: its validation accuracy and searched parameters
+      (an epoch reported again after a worker-group restart is marked);
+    - a trial's end: finished, stopped early by the scheduler, or failed (its error's last
+      line; the whole error is in the trial's MLflow run), and how many of the sweep's
+      trials have ended, with the best accuracy so far.
+    """
+
+    def __init__(self, setup: TrialSetup, *, out: Any = None) -> None:
+        self.trial_setup = setup
+        self._out = out
+        self._seen: dict[str, int] = {}  # trial id -> last epoch printed
+        self._ended = 0
+        self._best: tuple[float, str] | None = None
+
+    def _print(self, line: str) -> None:
+        import sys
+
+        print(line, file=self._out or sys.stdout, flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        epoch = int(result.get("epoch") or 0)
+        if epoch < 1:
+            return
+        again = epoch <= self._seen.get(trial.trial_id, 0)
+        self._seen[trial.trial_id] = max(epoch, self._seen.get(trial.trial_id, 0))
+        acc = result.get("val_fused_top1")
+        if isinstance(acc, (int, float)) and (self._best is None or acc > self._best[0]):
+            self._best = (float(acc), trial.trial_id)
+        self._print(f"[wsdan] trial {trial.trial_id} epoch {epoch}/{self.trial_setup.sweep.epochs}"
+                    + (" (again, after a restart)" if again else "")
+                    + (f" | val fused top-1 {acc:.4f}" if isinstance(acc, (int, float)) else "")
+                    + f" | {format_params(trial.config)}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        done = int((trial.last_result or {}).get("epoch", 0) or 0)
+        status = trial_outcome(trial.last_result, self.trial_setup.sweep.epochs, failed=False)
+        self._end(trial, "finished" if status == "FINISHED"
+                  else f"stopped early by the scheduler after epoch {done}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
+        self._end(trial, "failed: " + (lines[-1][-300:] if lines else "unknown error")
+                  + " (the whole error is in its MLflow run)")
+
+    def _end(self, trial: Any, what: str) -> None:
+        self._ended += 1
+        best = (f"; best so far {self._best[0]:.4f} (trial {self._best[1]})"
+                if self._best else "")
+        self._print(f"[wsdan] trial {trial.trial_id} {what} "
+                    f"[{self._ended}/{self.trial_setup.sweep.trials} trials ended{best}]")
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``key=value`` for each searched parameter, numbers with 4 significant digits."""
+    parts = []
+    for key, value in params.items():
+        value = _plain(value)
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={shown}")
+    return " ".join(parts)

@@ -181,3 +181,44 @@ def test_trial_id_from_a_tune_trial_folder():
     assert _trial_id_from_path("s3b/sweeps/x/train_trial_e3a9a23d_1_optim.lr=0.01_2026") == \
         "e3a9a23d"
     assert _trial_id_from_path("/r/x/train_trial_5ef35_00000_0_a=1_2026-11-30") == "5ef35_00000"
+
+
+def test_sweep_log_prints_one_line_per_epoch_and_per_ended_trial(tmp_path):
+    """The sweep driver's own output (in place of Tune's tables): each reported epoch once
+    with its accuracy and parameters, an epoch reported again after a restart marked, each
+    ended trial with its outcome and the count of ended trials and the best so far."""
+    import io
+    from types import SimpleNamespace
+
+    from tuning.trial import SweepLog, TrialSetup
+
+    sweep = SimpleNamespace(epochs=3, trials=2)
+    setup = TrialSetup(sweep_name="s", sweep=sweep, jobs_storage=str(tmp_path),
+                       tracking_uri="file:///x", experiment_id="0", parent_run_id="p")
+    out = io.StringIO()
+    log = SweepLog(setup, out=out)
+    a = SimpleNamespace(trial_id="a1", config={"optim.lr": 0.0123456, "model.attention_maps": 8},
+                        last_result=None)
+    b = SimpleNamespace(trial_id="b2", config={"optim.lr": 1e-5, "model.attention_maps": 4},
+                        last_result=None, error_file=None,
+                        get_pickled_error=lambda: None,
+                        get_error=lambda: RuntimeError("boom\nlast line of it"))
+    log.on_trial_result(0, [], a, {"epoch": 1, "val_fused_top1": 0.5})
+    log.on_trial_result(0, [], a, {"epoch": 2, "val_fused_top1": 0.75})
+    log.on_trial_result(0, [], a, {"epoch": 2, "val_fused_top1": 0.70})  # after a restart
+    log.on_trial_result(0, [], b, {"training_iteration": 1})  # no epoch: not printed
+    a.last_result = {"epoch": 2}
+    log.on_trial_complete(0, [], a)
+    log.on_trial_error(0, [], b)
+    assert out.getvalue().splitlines() == [
+        "[wsdan] trial a1 epoch 1/3 | val fused top-1 0.5000 | optim.lr=0.01235 "
+        "model.attention_maps=8",
+        "[wsdan] trial a1 epoch 2/3 | val fused top-1 0.7500 | optim.lr=0.01235 "
+        "model.attention_maps=8",
+        "[wsdan] trial a1 epoch 2/3 (again, after a restart) | val fused top-1 0.7000 | "
+        "optim.lr=0.01235 model.attention_maps=8",
+        "[wsdan] trial a1 stopped early by the scheduler after epoch 2 "
+        "[1/2 trials ended; best so far 0.7500 (trial a1)]",
+        "[wsdan] trial b2 failed: last line of it (the whole error is in its MLflow run) "
+        "[2/2 trials ended; best so far 0.7500 (trial a1)]",
+    ]

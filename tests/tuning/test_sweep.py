@@ -260,11 +260,21 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
     out = log.read_text()
     assert first, out[-3000:]
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    # What the person who started it saw: the sweep's own lines (a line per trial epoch, a
+    # line per ended trial), not Tune's status tables (those need --verbose).
+    lines = out.splitlines()
+    assert any(ln.startswith("[wsdan] trial ") and " epoch 1/2 | val fused top-1 " in ln
+               for ln in lines), out[-3000:]
+    assert any(ln.startswith(tuple(f"[wsdan] trial {t} " for t in first)) and "trials ended" in ln
+               for ln in lines), out[-3000:]
+    assert "Trial status" not in out, out[-3000:]
 
-    done = subprocess.run([*argv, "--resume", "sweep-resume"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run([*argv, "--resume", "sweep-resume", "--summary-json",
+                           str(summary_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    summary = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith('{"sweep"')][-1])
+    summary = json.loads(summary_path.read_text())
     assert summary["trials"] == 3 and summary["trials_failed"] == 0
     assert first <= set(summary["statuses"])
     # The finished trial was not rerun: its child run has each epoch once, and it was
