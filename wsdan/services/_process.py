@@ -133,6 +133,10 @@ class ManagedProcess(Generic[ConfigT]):
         self._proc: subprocess.Popen[bytes] | None = None  # set when this object started it
         self._log = logging.getLogger(type(self).__module__)
 
+    def __repr__(self) -> str:
+        # The config's own repr: its secrets are fields with repr=False.
+        return f"{type(self).__name__}({self.config!r})"
+
     def __enter__(self: _Self) -> _Self:
         self.start()
         return self

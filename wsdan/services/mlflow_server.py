@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from wsdan.services._process import ManagedProcess, ManagedProcessError
-from wsdan.services.s3_access import REGION
+from wsdan.services.s3_access import REGION, SecretEnv
 
 # Variables the server must not inherit from the caller: they would point its S3 client
 # elsewhere than artifacts_destination's endpoint, or at the caller's tracking server.
@@ -134,13 +134,13 @@ class MlflowServerConfig:
             str(self.workers),
         ]
 
-    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+    def env(self, base: dict[str, str] | None = None) -> SecretEnv:
         """The server's environment: ``base`` (default os.environ) with the S3 settings.
 
-        Holds the secret key when one is configured: never log it.
+        Holds the secret key when one is configured: never log it (its repr masks it).
         """
-        env = {k: v for k, v in (os.environ if base is None else base).items()
-               if k not in _OVERRIDDEN_ENV}
+        env = SecretEnv({k: v for k, v in (os.environ if base is None else base).items()
+                         if k not in _OVERRIDDEN_ENV})
         # The job runner (used by MLflow's GenAI features) adds ~8 processes and ~1.8 GiB.
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         env["PYTHONUNBUFFERED"] = "1"  # the log file shows what happened up to a crash

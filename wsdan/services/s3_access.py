@@ -24,6 +24,7 @@ __all__ = [
     "CREDENTIAL_ENV_PAIRS",
     "REGION",
     "S3ServerError",
+    "SecretEnv",
     "check_bucket_name",
     "credentials_from_env",
     "ensure_bucket",
@@ -47,6 +48,26 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 class S3ServerError(ManagedProcessError):
     """The S3 server could not be started, reached or stopped; the message says why and where
     to look."""
+
+
+class SecretEnv(dict[str, str]):
+    """Environment variables, some of them secret: a plain ``dict`` (``os.environ.update``,
+    ``subprocess``'s ``env=``, ``json.dumps`` see every value) whose ``repr`` and ``str``
+    show ``***`` for the values of secret names (``*SECRET*``, ``*TOKEN*``, ``*PASSWORD*``),
+    so that printing it (a log line, pytest's report of a failing test's fixture values)
+    leaks nothing."""
+
+    _SECRET_PARTS = ("SECRET", "TOKEN", "PASSWORD")
+
+    @classmethod
+    def is_secret(cls, name: str) -> bool:
+        return any(part in name.upper() for part in cls._SECRET_PARTS)
+
+    def __repr__(self) -> str:
+        shown = {k: "***" if self.is_secret(k) else v for k, v in self.items()}
+        return f"{type(self).__name__}({shown!r})"
+
+    __str__ = __repr__
 
 
 def generate_credentials() -> tuple[str, str]:

