@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-ingest": ("jobs.bench_ingest", "benchmark the Ray Data read-and-decode pipeline"),
     "bench-sync": ("jobs.bench_sync", "benchmark the feature-centre all-reduce per step"),
     "bench-gpu": ("jobs.bench_gpu", "the step on one GPU: precisions, memory, sync check"),
+    "bench-serve": ("jobs.bench_serve", "load test of the served model: latency, images/s, "
+                                        "memory, bad requests"),
 }
 
 
@@ -76,9 +78,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from wsdan.data.decode import DecodeError
     from wsdan.data.formats._common import DatasetFormatError
     from wsdan.data.manifest import DataSourceError
+    from wsdan.storage import StorageFullError
     from wsdan.weights import WeightsError
 
-    return (ConfigError, DataSourceError, DatasetFormatError, WeightsError, DecodeError)
+    return (ConfigError, DataSourceError, DatasetFormatError, WeightsError, DecodeError,
+            StorageFullError)
 
 
 def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

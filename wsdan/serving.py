@@ -5,7 +5,11 @@ the registry of ``MLFLOW_TRACKING_URI`` (``@champion`` unless an alias or versio
 given), the server binds 127.0.0.1, and the model runs in this environment
 (``--env-manager local``: the project is installed here already). Requests are the
 pyfunc model's (``wsdan.tracking.pyfunc``): a JSON ``dataframe_split`` with an ``image``
-column of base64-encoded files.
+column of base64-encoded files. A request of more than ``--max-images`` images or
+``--max-request-mb`` MB of images is refused with HTTP 400 naming the limit, before any image
+is decoded (the model's config, passed to the server in ``SERVING_MODEL_CONFIG``); other bad
+requests (no ``image`` column, an empty batch, a value that is not an image) get a 400 naming
+the problem too. ``python -m jobs.bench_serve`` load-tests the server.
 
     eval "$(wsdan stack env)"          # the local stack's tracking server and S3
     wsdan serve synthetic-wsdan        # models:/synthetic-wsdan@champion on 127.0.0.1:5001
@@ -14,12 +18,17 @@ column of base64-encoded files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import sys
 
 from wsdan.config import ConfigError
+
+# The pyfunc model's defaults (wsdan.tracking.pyfunc), repeated so --help needs no torch.
+DEFAULT_MAX_IMAGES = 256
+DEFAULT_MAX_REQUEST_MB = 20.0
 
 _NAME = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))?$")
 
@@ -48,6 +57,24 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def serve_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ``environ`` (default ``os.environ``) with the request limits
+    in ``SERVING_MODEL_CONFIG`` (which ``mlflow models serve`` passes to the model's
+    ``load_context``) and this Python's ``bin/`` on PATH (serve runs ``uvicorn`` from it)."""
+    from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
+
+    env = dict(os.environ if environ is None else environ)
+    if args.max_images < 1 or args.max_request_mb <= 0:
+        raise ConfigError(f"--max-images ({args.max_images}) and --max-request-mb "
+                          f"({args.max_request_mb}) must be positive")
+    config = json.loads(env.get(SERVING_MODEL_CONFIG) or "{}")
+    config.update(max_images=args.max_images, max_request_mb=args.max_request_mb)
+    env[SERVING_MODEL_CONFIG] = json.dumps(config)
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve a registered model with `mlflow models serve`, on loopback by "
@@ -62,6 +89,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="server worker processes")
     p.add_argument("--timeout", type=int, default=None,
                    help="request timeout in seconds (MLflow's default when unset)")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help="images per request; more is refused with HTTP 400")
+    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+                   help="MB of encoded images per request (checked before decoding); more "
+                        "is refused with HTTP 400")
     p.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv"],
                    help="where the model runs: this environment, or one MLflow builds from "
                         "the model's requirements")
@@ -72,6 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cmd = serve_command(args)
+    env = serve_env(args)
     if args.dry_run:
         print(" ".join(cmd))
         return
@@ -81,7 +114,7 @@ def main(args: argparse.Namespace) -> None:
                           "eval \"$(wsdan stack env)\")")
     print(f"[wsdan] serving {model_uri(args.model)} on http://{args.host}:{args.port} "
           "(POST /invocations; Ctrl-C stops)", flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":

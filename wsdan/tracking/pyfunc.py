@@ -21,7 +21,12 @@ Over ``mlflow models serve``, send base64 text in the ``image`` column of a
 ``dataframe_split`` or ``dataframe_records`` payload. A bad input is a client error
 (``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP
 400 and the message): no ``image`` column, an empty batch, or rows that are not images, each
-named by its position counted from 0, e.g. ``row 2: cannot decode image (12 bytes): ...``.
+named by its position counted from 0, e.g. ``row 2: cannot decode image (12 bytes): ...``,
+and a request over the size limits (checked before any image is decoded): more than
+``max_images`` images (default 256) or more than ``max_request_mb`` MB of encoded image
+bytes in all (default 20), both settable in the model config at load
+(``wsdan serve --max-images/--max-request-mb``; ``SERVING_MODEL_CONFIG`` for ``mlflow models
+serve``).
 Output: one row per image::
 
     class_id       int     argmax of the fused logits (raw + crop) / 2
@@ -81,6 +86,9 @@ mlflow.models.set_model(WSDANPyfunc())
 """
 # Images per forward pass: bounds memory for large requests (each image costs two passes).
 DEFAULT_BATCH_SIZE = 32
+# Request limits, checked before decoding (model_config keys max_images, max_request_mb).
+DEFAULT_MAX_IMAGES = 256
+DEFAULT_MAX_REQUEST_MB = 20.0
 IMAGE_COLUMN = "image"
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 # Packages the model needs at load time, pinned to the installed versions. pyarrow: the
@@ -303,12 +311,41 @@ def _image_values(model_input: Any) -> list[Any]:
     return values
 
 
+def _encoded_size(value: Any) -> int:
+    """Bytes an input value holds before decoding (base64 text: the bytes it decodes to)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, str):
+        return len(value) * 3 // 4
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    return 0
+
+
+def check_request_size(values: Sequence[Any], max_images: int, max_request_mb: float) -> None:
+    """A client error (:class:`MlflowException`, HTTP 400 when served) naming the limit when
+    a request holds more than ``max_images`` images or more than ``max_request_mb`` MB of
+    encoded images; checked before decoding anything."""
+    if len(values) > max_images:
+        raise _bad_input(
+            f"request too large: {len(values)} images, over the limit of {max_images} per "
+            "request (max_images): send them in several requests"
+        )
+    total = sum(_encoded_size(v) for v in values)
+    if total > max_request_mb * 1e6:
+        raise _bad_input(
+            f"request too large: {total / 1e6:.1f} MB of images, over the limit of "
+            f"{max_request_mb:g} MB per request (max_request_mb): send fewer or smaller images"
+        )
+
+
 # -- the pyfunc model ---------------------------------------------------------------------
 
 
 class WSDANPyfunc(mlflow.pyfunc.PythonModel):
     """Refined WS-DAN prediction. ``model_config={"device": "cuda"}`` (or "cpu") at load
-    overrides the default device (CUDA when available)."""
+    overrides the default device (CUDA when available); ``max_images`` and
+    ``max_request_mb`` override the request limits (``check_request_size``)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
@@ -324,6 +361,9 @@ class WSDANPyfunc(mlflow.pyfunc.PythonModel):
         self.theta = float(spec["inference"]["refine_theta"])
         self.padding = float(spec["inference"]["refine_padding"])
         self.batch_size = int(spec.get("batch_size", DEFAULT_BATCH_SIZE))
+        config = context.model_config or {}
+        self.max_images = int(config.get("max_images", DEFAULT_MAX_IMAGES))
+        self.max_request_mb = float(config.get("max_request_mb", DEFAULT_MAX_REQUEST_MB))
 
     # MLflow reads the hint of model_input: pd.DataFrame is one it neither validates nor infers
     # a schema from (Any or none draw a warning). Lists of images are accepted too; the
@@ -335,6 +375,7 @@ class WSDANPyfunc(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         values = _image_values(model_input)
+        check_request_size(values, self.max_images, self.max_request_mb)
         rows: list[pd.DataFrame] = []
         for start in range(0, len(values), self.batch_size):
             images = _batch(values[start : start + self.batch_size], self.resize_size, start)

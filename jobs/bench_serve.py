@@ -1,0 +1,468 @@
+"""Benchmark: the served model under load, with bad requests mixed in.
+
+Serves a model with ``mlflow models serve`` on 127.0.0.1 (a free port; the command line and
+environment of ``wsdan serve``, ``wsdan.serving``), warms it up, then sends a bounded number
+of requests: first from one client (the baseline), then from ``--clients`` threads, each with
+its own keep-alive connection. In both, every ``--bad-every``-th request is a bad one, the
+kinds in turn: a wrong column, a value that is not an image, an empty batch, a body of
+``--big-mb`` MB (one huge "image"), a body that is not JSON. Each bad request must get a 4xx
+whose message names the problem; the good requests around them must all succeed.
+
+Figures: failed requests, p50/p99 latency of the good requests, images/s (good images over
+the phase's wall time), and the RSS of the server's process tree (``mlflow models serve`` and
+its uvicorn worker) after the warm-up and after the run; the run holds if it grew by at most
+``--rss-margin-mb``. The warm-up sends every kind of request, bad ones included, from
+``--clients`` clients, so the server has reached its working set (threads, allocator arenas,
+the high-water mark of the big body) before the first measurement: what grows after it is
+what the requests leave behind.
+
+    python -m jobs.bench_serve                      # a tiny fresh model, no services needed
+    python -m jobs.bench_serve --model NAME@champion   # a registered model (MLFLOW_TRACKING_URI)
+
+By default the model is a small random WS-DAN (resnet18_layer3, 3 classes) logged to an
+MLflow store (SQLite) in a temporary folder, so the bench runs without any stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from wsdan.serving import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_MB
+
+BAD_KINDS = ("wrong column", "not an image", "empty batch", "big body", "not JSON")
+
+
+@dataclass(frozen=True)
+class Req:
+    """One request: its body, how many images a good one holds, and for a bad one the
+    substring its error message must contain."""
+
+    kind: str  # "good" or one of BAD_KINDS
+    body: bytes
+    images: int = 0
+    expect: str | None = None
+
+
+@dataclass
+class Outcome:
+    kind: str
+    status: int  # 0: no HTTP answer (connection error, timeout)
+    latency: float
+    message: str
+    images: int
+    held: bool
+
+
+@dataclass
+class Phase:
+    name: str
+    clients: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall: float = 0.0
+
+    def good(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.kind == "good"]
+
+    def summary(self) -> dict[str, Any]:
+        good = self.good()
+        lat = sorted(o.latency for o in good if o.held) or [float("nan")]
+        images = sum(o.images for o in good if o.held)
+        return {"clients": self.clients, "requests": len(self.outcomes),
+                "good": len(good), "failed": sum(not o.held for o in good),
+                "bad": len(self.outcomes) - len(good),
+                "p50_ms": round(_percentile(lat, 50) * 1e3, 1),
+                "p99_ms": round(_percentile(lat, 99) * 1e3, 1),
+                "img_per_s": round(images / self.wall, 1) if self.wall else 0.0,
+                "wall_s": round(self.wall, 2)}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values``."""
+    k = max(0, min(len(values) - 1, int(np.ceil(q / 100 * len(values))) - 1))
+    return values[k]
+
+
+# -- the payloads ----------------------------------------------------------------------------
+
+
+def _images(count: int, px: int) -> list[bytes]:
+    """``count`` distinct encoded images of about px×px: noise, gradients and blocks, as PNG
+    and JPEG, sizes varying a little."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        h, w = px - (i % 5) * px // 16, px + (i % 3) * px // 16
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), 40 * (i % 6))], -1)
+        noise = rng.integers(0, 60, (h, w, 3))
+        arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG" if i % 2 else "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _split(values: list[str], column: str = "image") -> bytes:
+    return json.dumps({"dataframe_split": {"columns": [column],
+                                           "data": [[v] for v in values]}}).encode()
+
+
+def good_requests(count: int, per_request: int, px: int) -> list[Req]:
+    """``count`` distinct good bodies of ``per_request`` base64 images each."""
+    texts = [base64.b64encode(b).decode("ascii") for b in _images(max(8, per_request * 4), px)]
+    return [Req("good", _split([texts[(i + j) % len(texts)] for j in range(per_request)]),
+                images=per_request) for i in range(count)]
+
+
+def bad_requests(big_mb: float, px: int) -> dict[str, Req]:
+    """One request of each bad kind, with what its error message must say."""
+    good = base64.b64encode(_images(1, px)[0]).decode("ascii")
+    text = base64.b64encode(b"this is plain text, not an image").decode("ascii")
+    # One "image" of random bytes after a PNG signature, sized so the body is big_mb MB.
+    raw = b"\x89PNG\r\n\x1a\n" + np.random.default_rng(1).bytes(int(big_mb * 1e6 * 3 / 4))
+    return {
+        "wrong column": Req("wrong column", _split([good], column="picture"),
+                            expect="missing inputs ['image']"),
+        "not an image": Req("not an image", _split([text]),
+                            expect="row 0: cannot decode image (32 bytes)"),
+        "empty batch": Req("empty batch", _split([]),
+                           expect="empty batch: no rows in the 'image' column"),
+        "big body": Req("big body", _split([base64.b64encode(raw).decode("ascii")]),
+                        expect="request too large"),
+        "not JSON": Req("not JSON", b"{this is not json",
+                        expect="Ensure that input is a valid JSON formatted string"),
+    }
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def tiny_model(folder: Path, image_size: int) -> tuple[str, dict[str, str]]:
+    """A small random WS-DAN logged to an MLflow store (SQLite, artifacts in ``folder``):
+    its ``models:/`` URI and the environment that reaches it. The process's own tracking
+    URI is left as it was."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from wsdan.config import TrainConfig
+    from wsdan.model import build_model
+    from wsdan.tracking.pyfunc import log_wsdan_model
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    cfg = TrainConfig.from_dict({
+        "model": {"backbone": "resnet18_layer3", "num_classes": 3, "num_attentions": 2},
+        "data": {"image_size": image_size, "resize_size": image_size + image_size // 8},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("resnet18_layer3", num_classes=3, num_attentions=2).eval()
+    experiment = MlflowClient(uri).create_experiment(
+        "bench-serve", artifact_location=(folder / "artifacts").as_uri())
+    with _use_tracking_uri(uri), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no input example: MLflow warns about it
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_wsdan_model(model, cfg, ["a", "b", "c"], input_example=None)
+    return info.model_uri, {"MLFLOW_TRACKING_URI": uri}
+
+
+def server_rss(pid: int) -> int:
+    """Resident bytes of the process ``pid`` and all its descendants."""
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    pid: int
+    log: Path
+
+
+@contextlib.contextmanager
+def served(model: str, env: dict[str, str], folder: Path, args: argparse.Namespace,
+           ready_timeout: float = 300) -> Iterator[Server]:
+    """``mlflow models serve`` of ``model`` on a free loopback port (``wsdan serve``'s command
+    line and environment), until the block ends; then its process group is stopped."""
+    from wsdan.services import find_free_port
+    from wsdan.serving import serve_command, serve_env
+
+    port = find_free_port()
+    serve_args = argparse.Namespace(model=model, host="127.0.0.1", port=port,
+                                    workers=args.workers, timeout=None, env_manager="local",
+                                    max_images=args.max_images,
+                                    max_request_mb=args.max_request_mb)
+    cmd = serve_command(serve_args)
+    cmd[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")  # this environment's
+    log_path = folder / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=serve_env(serve_args, {**os.environ, **env}), cwd=folder,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, log_path, ready_timeout)
+        yield Server(url, port, proc.pid, log_path)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # serve and its uvicorn worker
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        with contextlib.suppress(OSError), opener.open(f"{url}/ping", timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.25)
+    raise RuntimeError(f"mlflow models serve: no /ping after {timeout:.0f} s:\n"
+                       f"{log_path.read_text(errors='replace')[-3000:]}")
+
+
+# -- the clients -----------------------------------------------------------------------------
+
+
+def _send(conn: http.client.HTTPConnection, req: Req) -> tuple[int, bytes]:
+    conn.request("POST", "/invocations", body=req.body,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def _judge(req: Req, status: int, body: bytes) -> tuple[bool, str]:
+    """Whether the answer is the right one, and its message (errors) or a summary."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if req.kind == "good":
+        rows = answer.get("predictions") if isinstance(answer, dict) else None
+        ok = status == 200 and isinstance(rows, list) and len(rows) == req.images
+        return ok, f"{len(rows)} predictions" if ok else body[:300].decode(errors="replace")
+    message = answer.get("message", "") if isinstance(answer, dict) else ""
+    message = message or body[:300].decode(errors="replace")
+    ok = (400 <= status < 500 and isinstance(answer, dict) and req.expect in message
+          and "stack_trace" not in answer)
+    return ok, message
+
+
+def run_phase(url: str, name: str, requests: list[Req], clients: int,
+              timeout: float = 120) -> Phase:
+    """Send ``requests`` (in order, as the clients take them) from ``clients`` threads, one
+    keep-alive connection each (a new one after a connection error)."""
+    host, port = url.removeprefix("http://").split(":")
+    phase = Phase(name, clients)
+    lock = threading.Lock()
+    taken = iter(range(len(requests)))
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                req = requests[i]
+                t = time.perf_counter()
+                try:
+                    status, body = _send(conn, req)
+                    held, message = _judge(req, status, body)
+                except (OSError, http.client.HTTPException) as err:
+                    status, held, message = 0, False, f"{type(err).__name__}: {err}"
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+                outcome = Outcome(req.kind, status, time.perf_counter() - t, message,
+                                  req.images, held)
+                with lock:
+                    phase.outcomes.append(outcome)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, name=f"client-{k}") for k in range(clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    phase.wall = time.perf_counter() - t0
+    return phase
+
+
+def mixed(good: list[Req], bad: dict[str, Req], total: int, bad_every: int) -> list[Req]:
+    """``total`` requests: every ``bad_every``-th a bad one (the kinds in turn), else good."""
+    out, kinds = [], list(bad.values())
+    for i in range(total):
+        if bad_every and i % bad_every == bad_every - 1:
+            out.append(kinds[(i // bad_every) % len(kinds)])
+        else:
+            out.append(good[i % len(good)])
+    return out
+
+
+# -- the bench -------------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve, warm up, run the baseline and the load phase; the figures (see module doc)."""
+    with tempfile.TemporaryDirectory(prefix="wsdan-bench-serve-") as tmp:
+        folder = Path(tmp)
+        if args.model:
+            from wsdan.serving import model_uri
+
+            model, env, what = model_uri(args.model), {}, args.model
+        else:
+            model, env = tiny_model(folder, args.image_size)
+            what = f"tiny resnet18_layer3 WS-DAN at {args.image_size} px"
+        good = good_requests(64, args.images_per_request, args.image_px)
+        bad = bad_requests(args.big_mb, args.image_px)
+        t = time.perf_counter()
+        with served(model, env, folder, args) as server:
+            startup = time.perf_counter() - t
+            warm = run_phase(server.url, "warm-up",
+                             mixed(good, {}, args.warmup, 0) + list(bad.values()), args.clients)
+            rss_before = server_rss(server.pid)
+            base = run_phase(server.url, "baseline",
+                             mixed(good, bad, args.baseline_requests, args.bad_every), 1)
+            load = run_phase(server.url, "load",
+                             mixed(good, bad, args.requests, args.bad_every), args.clients)
+            rss_after = server_rss(server.pid)
+    growth = (rss_after - rss_before) / 2**20
+    bad_rows = {}
+    for kind in bad:
+        outs = [o for o in warm.outcomes + base.outcomes + load.outcomes if o.kind == kind]
+        bad_rows[kind] = {"sent": len(outs), "held": sum(o.held for o in outs),
+                          "statuses": sorted({o.status for o in outs}),
+                          "message": next((o.message for o in outs if not o.held),
+                                          outs[0].message if outs else "")}
+    warm_failed = [o for o in warm.good() if not o.held]
+    result = {
+        "model": what, "workers": args.workers, "startup_s": round(startup, 1),
+        "images_per_request": args.images_per_request,
+        "baseline": base.summary(), "load": load.summary(), "bad": bad_rows,
+        "warmup_failed": len(warm_failed),
+        "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
+        "rss_growth_mb": round(growth, 1), "rss_margin_mb": args.rss_margin_mb,
+    }
+    result["rss_held"] = growth <= args.rss_margin_mb
+    result["ok"] = (not warm_failed and result["baseline"]["failed"] == 0
+                    and result["load"]["failed"] == 0 and result["rss_held"]
+                    and all(r["held"] == r["sent"] > 0 for r in bad_rows.values()))
+    result["speedup"] = round(result["load"]["img_per_s"]
+                              / max(result["baseline"]["img_per_s"], 1e-9), 2)
+    if warm_failed:
+        result["warmup_error"] = warm_failed[0].message
+    return result
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print(f"mlflow models serve of {r['model']}, {r['workers']} worker(s), on 127.0.0.1 "
+          f"(ready after {r['startup_s']} s); {r['images_per_request']} image(s) per good "
+          "request")
+    print(f"{'phase':<10}{'clients':>8}{'requests':>10}{'bad':>6}{'failed':>8}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'img/s':>9}")
+    for name in ("baseline", "load"):
+        s = r[name]
+        print(f"{name:<10}{s['clients']:>8}{s['requests']:>10}{s['bad']:>6}{s['failed']:>8}"
+              f"{s['p50_ms']:>9.1f}{s['p99_ms']:>9.1f}{s['img_per_s']:>9.1f}")
+    print(f"throughput {r['load']['clients']} clients / 1 client: {r['speedup']:.2f}x")
+    print(f"{'bad request':<14}{'sent':>5}{'held':>5}  status  message")
+    for kind, b in r["bad"].items():
+        statuses = ",".join(map(str, b["statuses"]))
+        message = " ".join(b["message"].split())
+        print(f"{kind:<14}{b['sent']:>5}{b['held']:>5}  {statuses:<6}  {message[-110:]}")
+    print(f"server RSS (process tree): {r['rss_before_mb']:.0f} MB after warm-up, "
+          f"{r['rss_after_mb']:.0f} MB after the run: {r['rss_growth_mb']:+.1f} MB "
+          f"(margin {r['rss_margin_mb']} MB: {'held' if r['rss_held'] else 'NOT held'})")
+    if r.get("warmup_error"):
+        print(f"warm-up failed: {r['warmup_error']}")
+    print("all held" if r["ok"] else "NOT all held")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="load test of the served model (mlflow models serve on loopback): "
+                    "latency, images/s, server memory, bad requests mixed in",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="NAME, NAME@ALIAS, NAME/VERSION or a models:/ URI of the registry "
+                        "at MLFLOW_TRACKING_URI (default: a tiny fresh model in a temp dir)")
+    p.add_argument("--requests", type=int, default=2000, help="requests of the load phase")
+    p.add_argument("--clients", type=int, default=8,
+                   help="concurrent clients of the warm-up and load phases")
+    p.add_argument("--baseline-requests", type=int, default=200,
+                   help="requests of the one-client baseline")
+    p.add_argument("--warmup", type=int, default=64,
+                   help="good requests of the warm-up (plus one of each bad kind)")
+    p.add_argument("--bad-every", type=int, default=50,
+                   help="every Nth request of the baseline and load phases is a bad one, the "
+                        "kinds in turn (0: none)")
+    p.add_argument("--images-per-request", type=int, default=2, help="images in a good request")
+    p.add_argument("--image-px", type=int, default=96, help="side of the sent images")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="input side of the tiny default model")
+    p.add_argument("--big-mb", type=float, default=50.0, help="size of the big bad body")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help="the server's limit of images per request (wsdan serve)")
+    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+                   help="the server's limit of MB of images per request (wsdan serve)")
+    p.add_argument("--rss-margin-mb", type=float, default=64.0,
+                   help="most the server's RSS may grow from after the warm-up to the end")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from wsdan.config import ConfigError
+
+    if args.requests < 1 or args.clients < 1 or args.images_per_request < 1:
+        raise ConfigError("--requests, --clients and --images-per-request must be positive")
+    result = bench(args)
+    print_report(result)
+    print(json.dumps(result))
+    if not result["ok"]:
+        raise SystemExit(1)
+    return result
+
+
+if __name__ == "__main__":
+    from wsdan.cli import run_main
+
+    sys.exit(run_main(main, get_args_parser()))
