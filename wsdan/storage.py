@@ -16,6 +16,7 @@ Building the file system makes no network request when an endpoint is set.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -24,7 +25,8 @@ import urllib.request
 
 import pyarrow.fs as pafs
 
-__all__ = ["exists", "filesystem_and_path", "is_remote", "read_bytes", "write_bytes"]
+__all__ = ["StorageFullError", "exists", "filesystem_and_path", "is_remote", "read_bytes",
+           "write_bytes"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # mkstemp creates files 0600; give written files the usual umask-based mode instead.
@@ -137,28 +139,68 @@ def read_bytes(uri: str) -> bytes:
         raise OSError(f"cannot read {_s3_where(uri)}: {e}") from e
 
 
+class StorageFullError(OSError):
+    """The device (or the user's quota) filled up while a file was being written.
+
+    Its message names the path and the size of what was being written; ``filename`` is the
+    path and ``errno`` is ``ENOSPC`` (or ``EDQUOT``). Raised by :func:`write_bytes` after it
+    removed its temporary file: the file that was at the path before, if any, is unchanged.
+    A user-facing error (``wsdan.cli.user_errors``): one line, exit code 2.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def _full_error(path: str, nbytes: int, cause: OSError) -> StorageFullError:
+    return StorageFullError(
+        cause.errno, f"{_FULL[cause.errno]} writing {path} ({_size(nbytes)}): nothing was "
+        "written there and the file there before, if any, is unchanged; free space on that "
+        "device or write somewhere else", path)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full device fails the write, the flush or the fsync (delayed allocation): the
+        # temporary file goes, the target was never touched.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to a file or object, replacing it.
 
     Local: parent directories are created and the write is atomic (a temporary file in the
-    same directory, fsync, then ``os.replace``), so readers never see a partial file.
+    same directory, fsync, then ``os.replace``), so readers never see a partial file. A full
+    device raises :class:`StorageFullError` naming the path; the file there before, if
+    any, is unchanged and no temporary file is left.
     S3: an object only becomes visible once its upload completes, so it is atomic too.
     """
     if not is_remote(uri):
         path = _local_path(uri)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _write_local(path, data)
+        except OSError as e:
+            if e.errno in _FULL and not isinstance(e, StorageFullError):
+                raise _full_error(path, len(data), e) from e
             raise
         return
     fs, path = filesystem_and_path(uri)
