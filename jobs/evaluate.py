@@ -26,6 +26,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split of the data set to score")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--ray", action="store_true",
+                   help="read and decode the split with Ray Data on the cluster at RAY_ADDRESS "
+                        "(or a new local Ray); by default it is read in this process, with "
+                        "no Ray at all")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="log the metrics to a new run of --experiment")
     p.add_argument("--experiment", default="wsdan-eval",
@@ -65,7 +69,7 @@ def load_model(uri: str):
 
 
 def main(args: argparse.Namespace) -> dict:
-    from wsdan.data.pipeline import build_dataset, iter_torch, read_manifest
+    from wsdan.data.manifest import read_manifest
     from wsdan.engine import evaluate
     from wsdan.launcher import check_data
 
@@ -78,11 +82,24 @@ def main(args: argparse.Namespace) -> dict:
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"],
                                                             "source": args.data}})
     check_data(cfg, {**manifest, "counts": {"train": 1, "val": 1}})  # class count only
-    from wsdan.cluster import connect
+    if args.ray:
+        from wsdan.cluster import connect
+        from wsdan.data.pipeline import build_dataset, iter_torch, skipped_images
 
-    connect()
-    ds = build_dataset(args.data, args.split, cfg=cfg.data, train=False, shuffle=False)
-    metrics = evaluate(model, iter_torch(ds, args.batch_size), cfg=cfg)
+        connect(quiet=True)
+        ds = build_dataset(args.data, args.split, cfg=cfg.data, train=False, shuffle=False)
+        metrics = evaluate(model, iter_torch(ds, args.batch_size), cfg=cfg)
+        skipped = skipped_images(args.data, args.split)
+    else:
+        from wsdan.data.reader import SplitReader
+
+        reader = SplitReader(args.data, args.split, resize_size=cfg.data.resize_size,
+                             batch_size=args.batch_size)
+        metrics = evaluate(model, reader, cfg=cfg)
+        skipped = len(reader.skipped)
+    if skipped:
+        print(f"[wsdan] {skipped} image(s) of {args.split} did not decode and were left out")
+    metrics["skipped"] = skipped
     print(f"{args.split} ({int(metrics['n'])} images): fused {metrics['fused_top1']:.4f}  "
           f"raw {metrics['raw_top1']:.4f}  crop {metrics['crop_top1']:.4f}  "
           f"(top-5 fused {metrics['fused_top5']:.4f})")

@@ -89,7 +89,23 @@ def test_two_worker_job_tracks_checkpoints_and_registers(
     ckpt = sorted(ckpts)[-1]
     by_ckpt = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--model", f"s3://{BUCKET}/runs/job-a/{ckpt}", *args]))
-    assert by_ckpt["n"] == 6
+    assert by_ckpt["n"] == 6 and by_ckpt["skipped"] == 0
+    # Read by Ray Data on the cluster (--ray) or in this process (the default): the same.
+    by_ray = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--model", f"s3://{BUCKET}/runs/job-a/{ckpt}", *args, "--ray"]))
+    assert by_ray == pytest.approx(by_ckpt)
+    # Evaluating on one machine needs no Ray at all: a RAY_ADDRESS where nothing answers
+    # (a stack started with --no-ray) does not matter.
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--model", f"s3://{BUCKET}/runs/job-a/{ckpt}",
+         *args], env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == pytest.approx(by_ckpt)
     # Artifacts went to the S3 bucket behind the MLflow server.
     assert _objects(s3_server, "") is not None
 

@@ -385,3 +385,36 @@ def test_folder_dataset(ray_cluster, s3_env, s3_server, source) -> None:
         got[split] = ids
     assert sorted(got["train"] + got["val"]) == sorted(names)
     assert got["train"] and got["val"]
+
+
+@pytest.mark.slow
+def test_reader_without_ray_matches_the_pipeline(ray_cluster, s3_env, uploaded, source) -> None:
+    """`SplitReader` (what `wsdan evaluate` uses without --ray) gives the unshuffled
+    pipeline's batches: the same images in the same order, the same tensors; a corrupt
+    image is left out and counted by name."""
+    from wsdan.data.pipeline import build_dataset
+    from wsdan.data.reader import SplitReader
+
+    ds = build_dataset(uploaded["clean"], "val", cfg=CFG, train=False, shuffle=False)
+    ids, batches = _consume(ds, batch_size=6)
+    reader = SplitReader(uploaded["clean"], "val", resize_size=CFG.resize_size, batch_size=6,
+                         with_ids=True, lookahead=2)
+    got = list(reader)
+    assert [i for b in got for i in b["image_id"]] == ids == source.val_ids
+    assert [len(b["label"]) for b in got] == [len(b["label"]) for b in batches]
+    for mine, theirs in zip(got, batches):
+        for key in ("image", "label", "object_box", "part_box"):
+            assert mine[key].dtype == theirs[key].dtype
+            torch.testing.assert_close(mine[key], theirs[key], equal_nan=True, rtol=0, atol=0)
+    assert reader.skipped == []
+
+    reader = SplitReader(uploaded["corrupt"], "train", resize_size=CFG.resize_size,
+                         batch_size=7, with_ids=True)
+    for _ in range(2):  # a second pass starts afresh
+        got_ids = [i for b in reader for i in b["image_id"]]
+        assert sorted(got_ids) == [i for i in source.train_ids if i != CORRUPT_ID]
+        assert [i for i, _ in reader.skipped] == [CORRUPT_ID]
+    from wsdan.data.manifest import DataSourceError
+
+    with pytest.raises(DataSourceError, match="split 'test' not in"):
+        SplitReader(uploaded["clean"], "test", resize_size=CFG.resize_size, batch_size=4)
