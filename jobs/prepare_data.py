@@ -60,18 +60,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except DatasetFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except OSError as e:  # an unreachable or forbidden --src: one line, exit 2
+        raise _source_error(args.src, e, "reading") from None
     print(f"{listing.name}: {len(listing.records)} images listed in {listing.source}")
-    manifest = prepare_dataset(
-        listing,
-        args.dest,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        shard_mb=args.shard_mb,
-        progress=not args.no_progress,
-    )
+    try:
+        manifest = prepare_dataset(
+            listing,
+            args.dest,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            shard_mb=args.shard_mb,
+            progress=not args.no_progress,
+        )
+    except OSError as e:  # a forbidden or unreachable --dest (wrong keys, no keys, ...)
+        raise _source_error(args.dest, e, "writing") from None
     print(summarize(manifest, args.dest))
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def _source_error(uri: str, err: OSError, doing: str) -> Exception:
+    """A user-facing error (one line, exit 2) for ``err`` at ``uri``; one that already is
+    one (a full disk names its path) is kept."""
+    from wsdan.cli import user_errors
+    from wsdan.data.manifest import access_error
+
+    return err if isinstance(err, user_errors()) else access_error(uri, err, doing)
 
 
 if __name__ == "__main__":

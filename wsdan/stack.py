@@ -4,6 +4,9 @@
 ``WSDAN_STACK_DIR``): data, logs, pid files, and — only when none are given in the
 environment — generated S3 credentials in a 0600 file, so that ``up`` in one shell and
 ``down`` in another find the same services. Ports come from ``WSDAN_*_PORT`` variables.
+
+Every service listens on 127.0.0.1 only (tests/test_secrets.py checks the sockets of the
+processes started), and ``down`` ends every process ``up`` started, Ray's agents included.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ def ray_head(paths: StackPaths) -> RayHead:
     # for data forever. WSDAN_RAY_CPUS overrides.
     cpus = int(os.environ.get("WSDAN_RAY_CPUS", (os.cpu_count() or 2) + 2))
     return RayHead(RayHeadConfig(temp_dir=paths.ray_temp, port=_port("RAY", 6380),
-                                 dashboard_port=_port("RAY_DASHBOARD", 8265), num_cpus=cpus))
+                                 dashboard_port=_port("RAY_DASHBOARD", 8265), num_cpus=cpus,
+                                 client_server_port=_port("RAY_CLIENT", 10001),
+                                 dashboard_agent_listen_port=_port("RAY_AGENT", 52365)))
 
 
 def mlflow_server(paths: StackPaths, s3: S3Server):

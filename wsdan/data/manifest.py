@@ -47,6 +47,42 @@ def _where(uri: str) -> str:
     return f"{uri} (S3 endpoint {endpoint or 'AWS default'}, bucket {bucket!r})"
 
 
+# How S3 servers (AWS, SeaweedFS, MinIO) and the AWS SDKs under boto3 and pyarrow say that the
+# request's credentials were refused (wrong keys) or that an anonymous request was.
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "InvalidSignature")
+
+
+def _credentials_in_use() -> str:
+    """Where the AWS SDK takes credentials from here, named, never shown."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return "the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    profile = os.environ.get("AWS_PROFILE", "default")
+    path = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser(
+        "~/.aws/credentials")
+    if os.path.exists(path):
+        return f"profile {profile!r} of {path}"
+    return "no credentials (none set: an anonymous request)"
+
+
+def access_error(uri: str, err: BaseException, doing: str = "reading") -> DataSourceError:
+    """The :class:`DataSourceError` for an error ``doing`` something at ``uri``: the URI, and
+    for S3 the endpoint and bucket; when the server refused the credentials it says so first,
+    and which credentials were used (by name, never a value). None of the message is a
+    credential: a secret key an SDK echoed is masked."""
+    text = str(err)
+    if storage.is_remote(uri) and any(mark in text for mark in _DENIED):
+        # wsdan.storage's "cannot read URI (S3 endpoint ..., bucket ...): " is said already.
+        cut = text.find("): ") if "(S3 endpoint" in text else -1
+        text = text[cut + 3:] if cut >= 0 else text
+        return DataSourceError(_scrub(
+            f"access denied {doing} {_where(uri)} with {_credentials_in_use()}: give keys "
+            "this server accepts (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+            f"and AWS_SHARED_CREDENTIALS_FILE); the server said: {text}"))
+    where = "" if storage.is_remote(uri) and "S3 endpoint" in text else f"{_where(uri)}: "
+    return DataSourceError(_scrub(f"{doing} {where}{text}"))
+
+
 def _join(root_uri: str, rel: str) -> str:
     return f"{root_uri.rstrip('/')}/{rel}"
 
@@ -65,6 +101,8 @@ def read_manifest(root_uri: str) -> dict[str, Any]:
         raise DataSourceError(_scrub(f"no data set manifest: {e}; write the data set with "
                                      "`wsdan data prepare` first")) from None
     except (OSError, ValueError) as e:
+        if storage.is_remote(uri) and any(mark in str(e) for mark in _DENIED):
+            raise access_error(uri, e) from None
         where = "" if storage.is_remote(uri) else f"{uri}: "
         raise DataSourceError(_scrub(f"{where}{e}{hint}")) from None
     try:

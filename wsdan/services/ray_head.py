@@ -99,14 +99,53 @@ def _processes_naming(marker: str) -> list[psutil.Process]:
     return found
 
 
-def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """``procs`` and every process below them. The raylet's agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) and the dashboard's module processes rename themselves and no
+    longer name the temp dir: they are found as children."""
+    found = {p.pid: p for p in procs}
     for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            for child in p.children(recursive=True):
+                found.setdefault(child.pid, child)
+    return list(found.values())
+
+
+def _recorded(pid_file: Path) -> list[psutil.Process]:
+    """The processes listed in ``pid_file`` (pid and start time, written once the node was
+    up) that still run: an agent whose raylet died is nobody's child any more."""
+    try:
+        entries = json.loads(pid_file.read_text())
+    except (OSError, ValueError):
+        return []
+    alive = []
+    for pid, created in entries:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 1e-3:  # not a reused pid
+                alive.append(p)
+    return alive
+
+
+def _record(pid_file: Path, procs: list[psutil.Process]) -> None:
+    entries = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            entries.append((p.pid, p.create_time()))
+    pid_file.write_text(json.dumps(entries))
+
+
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM to all, SIGKILL to those still up after ``timeout`` (one of Ray's agents
+    ignores SIGTERM)."""
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             p.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 class RayHead:
@@ -116,9 +155,17 @@ class RayHead:
     def _ray(self) -> str:
         return _ray_cli()
 
+    @property
+    def pid_file(self) -> Path:
+        return self.config.temp_dir / "wsdan-pids.json"
+
     def processes(self) -> list[psutil.Process]:
-        """Processes of *this* head: their command line names our temp dir."""
-        return _processes_naming(str(self.config.temp_dir))
+        """Processes of *this* head: those whose command line names our temp dir, the
+        processes below them (Ray's agents rename themselves), and any process recorded when
+        the head came up that still runs."""
+        found = _with_descendants(_processes_naming(str(self.config.temp_dir)))
+        pids = {p.pid for p in found}
+        return found + [p for p in _recorded(self.pid_file) if p.pid not in pids]
 
     def healthy(self) -> bool:
         try:
@@ -165,9 +212,13 @@ class RayHead:
                 raise RayHeadError(f"Ray dashboard at {c.dashboard_url} not up after "
                                    f"{timeout:.0f}s; see {log}")
             time.sleep(0.5)
+        _record(self.pid_file, self.processes())
 
     def stop(self, timeout: float = 10) -> None:
+        """End every process of this head (see :meth:`processes`): SIGTERM, then SIGKILL
+        after ``timeout`` seconds."""
         _terminate(self.processes(), timeout)
+        self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> dict:
         procs = self.processes()
@@ -201,7 +252,7 @@ class RayWorker:
         self.config = config
 
     def processes(self) -> list[psutil.Process]:
-        return _processes_naming(str(self.config.temp_dir))
+        return _with_descendants(_processes_naming(str(self.config.temp_dir)))
 
     def raylet(self) -> psutil.Process | None:
         """This node's raylet (kill it to take the node down as a crash would)."""
