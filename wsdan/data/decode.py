@@ -15,7 +15,18 @@ the public data sets are in stored-pixel coordinates, so the network learns stor
 
 The served model (``wsdan.tracking.pyfunc``) decodes with these same functions — `decode` for
 encoded bytes, `decode_array` for pixel arrays — so a request sees the pixels validation saw:
-the same RGB conversion, the same resize, and EXIF orientation ignored there too.
+the same RGB conversion, the same resize, and EXIF orientation ignored there too. ``wsdan data
+prepare`` checks every image with `decode` too (``wsdan.data.shards.probe_image``), so what it
+stores, the pipeline decodes.
+
+Hostile input: an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels is
+refused from its header, before any pixel is decoded (a decompression bomb: a 400 KB PNG can
+declare 50000×50000). The limit is this module's own, whatever PIL's global
+``Image.MAX_IMAGE_PIXELS`` says (set lower, PIL refuses first; set to None, this still
+holds). Anything PIL raises while reading one image's bytes (corrupt, truncated, empty,
+unknown format, a plugin's bug on crafted input) becomes :class:`DecodeError` naming the
+problem: the pipeline skips and counts that image, prepare skips and lists it, serving
+answers HTTP 400 naming the row. Animated images give their first frame.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import contextlib
 import io
 import logging
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -31,22 +43,54 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DecodeError", "DecodedBatch", "Decoded", "decode", "decode_array", "decode_batch",
-           "decode_blocks", "decode_image", "decode_rgb", "folder_rows", "rescale_boxes",
-           "to_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "DecodeError", "DecodedBatch", "Decoded", "check_size",
+           "decode", "decode_array", "decode_batch", "decode_blocks", "decode_image",
+           "decode_rgb", "folder_rows", "open_image", "rescale_boxes", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
-# What a broken object raises inside PIL: unknown format, truncated data, bad header
-# fields, a decompression bomb, or a mode PIL cannot convert.
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
-                  Image.DecompressionBombError, TypeError, IndexError, KeyError)
+# The largest image decoded, in pixels (width × height as its header declares them): 2**26,
+# e.g. 8192×8192, or a 48-megapixel photo. Below PIL's own default (Image.MAX_IMAGE_PIXELS,
+# 89,478,485, above which PIL warns and above twice which it refuses), and independent of
+# it. Decoding one image at the limit holds up to ~0.5 GB (RGBA composited to RGB; a JPEG
+# less, read at reduced scale), per decode task. Fine-grained data sets are far below it
+# (CUB ~0.2 MP, Stanford Cars up to ~20 MP); downscale larger pictures before use.
+MAX_IMAGE_PIXELS = 2**26
 
 _WHITE = (255, 255, 255)
 
 
 class DecodeError(ValueError):
-    """Bytes that are not a readable image."""
+    """Bytes that are not a readable image (or an image over `MAX_IMAGE_PIXELS`)."""
+
+
+def _too_large(what: str) -> DecodeError:
+    return DecodeError(
+        f"image of {what} is over the limit of {MAX_IMAGE_PIXELS:,} pixels "
+        "(wsdan.data.decode.MAX_IMAGE_PIXELS), refused from its header before decoding: a "
+        "decompression bomb, or a picture to downscale first"
+    )
+
+
+def check_size(width: int, height: int) -> None:
+    """Raise :class:`DecodeError` for an empty size or one over :data:`MAX_IMAGE_PIXELS`."""
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image declares an empty size {width}×{height}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(f"{width}×{height} pixels ({width * height:,})")
+
+
+_PIL_BOMB = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _pil_refused(err: Image.DecompressionBombError) -> DecodeError:
+    """PIL's own refusal in ``Image.open`` (over twice its global ``Image.MAX_IMAGE_PIXELS``,
+    before we see the size): our message when the image is over our limit too (always, with
+    PIL's default), else PIL's (its global was lowered in this process)."""
+    found = _PIL_BOMB.search(str(err))
+    if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
+        return _too_large(f"{int(found.group(1)):,} pixels")
+    return DecodeError(f"DecompressionBombError (PIL's Image.MAX_IMAGE_PIXELS): {err}")
 
 
 class Decoded(NamedTuple):
@@ -65,12 +109,16 @@ def _wide_to_uint8(im: Image.Image) -> Image.Image:
     """
     a = np.asarray(im)
     if im.mode.startswith("I;16"):
-        a = a.astype(np.float32) / 257.0
+        scale = 1 / 257.0
     elif im.mode == "I":
-        a = a.astype(np.float32) / (257.0 if a.max(initial=0) > 255 else 1.0)
+        scale = 1 / 257.0 if a.max(initial=0) > 255 else 1.0
     else:  # "F"
-        a = a.astype(np.float32) * (255.0 if a.max(initial=0.0) <= 1.0 else 1.0)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
+    a = a.astype(np.float32)  # one float copy, then in place: a large image stays affordable
+    a *= np.float32(scale)
+    np.rint(a, out=a)
+    np.clip(a, 0, 255, out=a)
+    return Image.fromarray(a.astype(np.uint8), mode="L")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -99,16 +147,27 @@ def _resized(rgb: Image.Image, size: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _opened(data: bytes) -> Iterator[Image.Image]:
-    """``Image.open`` of ``data``; what PIL raises in the block becomes :class:`DecodeError`."""
+def open_image(data: bytes) -> Iterator[Image.Image]:
+    """``Image.open`` of ``data`` (its header only), refused by `check_size` before any pixel
+    is decoded; anything raised in the block becomes :class:`DecodeError`.
+
+    Everything, not a list of types: the bytes are untrusted, and PIL's format plugins
+    raise more than OSError on crafted input (struct.error, IndexError, ZeroDivisionError...).
+    Whatever fails while reading one image fails that image, not the job that read it.
+    """
+    if not data:
+        raise DecodeError("empty: 0 bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_size(*im.size)
             yield im
     except DecodeError:
         raise
     except UnidentifiedImageError as e:
-        raise DecodeError("not an image in a format PIL reads") from e
-    except _DECODE_ERRORS as e:
+        raise DecodeError("not an image in a format PIL reads (UnidentifiedImageError)") from e
+    except Image.DecompressionBombError as e:
+        raise _pil_refused(e) from e
+    except Exception as e:  # noqa: BLE001 - see the docstring
         raise DecodeError(f"{type(e).__name__}: {e}") from e
 
 
@@ -120,7 +179,7 @@ def decode(data: bytes, size: int) -> Decoded:
     times faster than a full decode followed by a large downscale. Raises
     :class:`DecodeError` for bytes that are not a readable image.
     """
-    with _opened(data) as im:
+    with open_image(data) as im:
         width, height = im.size
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
             # draft() keeps the result >= the requested size, so quality is kept.
@@ -139,7 +198,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded bytes → their full-size H×W×3 uint8 RGB pixels (`to_rgb`, no resize, no
     reduced-scale JPEG decode; EXIF orientation ignored). Raises :class:`DecodeError`."""
-    with _opened(data) as im:
+    with open_image(data) as im:
         return np.array(to_rgb(im), dtype=np.uint8)  # a writable copy
 
 
@@ -153,6 +212,7 @@ def decode_array(pixels: np.ndarray, size: int | None) -> np.ndarray:
         raise DecodeError(f"image arrays must be uint8, got {getattr(pixels, 'dtype', None)}")
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)) or 0 in pixels.shape:
         raise DecodeError(f"image arrays must be H×W×3 (or H×W), got shape {pixels.shape}")
+    check_size(pixels.shape[1], pixels.shape[0])
     rgb = to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))
     return np.array(rgb, dtype=np.uint8) if size is None else _resized(rgb, size)
 

@@ -27,13 +27,19 @@ new manifest does not list are deleted. The old manifest is deleted before the f
 is written and the new one written last, so a reader never sees a manifest that does not
 match the shards.
 
-Images that cannot be decoded are skipped and listed in the manifest; every other problem
-was raised by the reader before anything was written.
+Images that cannot be decoded are skipped and listed in the manifest (``skipped``: image id,
+path, reason) and in the printed summary, never fatal: each image is checked with the
+pipeline's own decoder (`probe_image`), so a corrupt, truncated or empty file, an unknown
+format, or a decompression bomb (over ``wsdan.data.decode.MAX_IMAGE_PIXELS``, refused from
+its header) is skipped, and whatever is stored, the pipeline decodes. Odd but readable
+images (CMYK, 16-bit, palette with transparency, animated GIF, 1×1, long strips, EXIF
+orientation) are stored as they are and converted at decode. Every other problem was raised
+by the reader before anything was written; a read error (a vanished file, S3 down) is not
+an image's fault and stops the run.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
@@ -49,12 +55,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
+from wsdan.data.decode import DecodeError, decode
 from wsdan.data.formats import SPLITS, Box, DatasetListing, ImageRecord
 from wsdan.data.manifest import FORMAT_VERSION, MANIFEST
 from wsdan.storage import filesystem_and_path, write_bytes
 
+# Side of the check decode of `probe_image`: small, so that a large JPEG is read at 1/8 scale.
+_PROBE_SIZE = 8
 # Rows per row group, the pipeline's read + decode unit (one Ray task): ~10 MB of CUB-sized
 # JPEGs, ~1 s of decoding at 512 px. Smaller groups cost a request and a task per few images.
 ROW_GROUP_ROWS = 128
@@ -131,15 +139,13 @@ def split_order(records: list[ImageRecord], split: str, seed: int) -> list[Image
 
 # --- images ----------------------------------------------------------------------------
 def probe_image(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the header; then the whole stream is decoded (a JPEG at 1/8
-    scale, which still reads every entropy-coded block but skips most of the work), so a
-    truncated or corrupt file raises OSError / ValueError / SyntaxError here."""
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        if im.format == "JPEG":
-            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-        im.load()
-    return width, height
+    """``(width, height)`` from the header, once the pipeline's own `decode` has read the whole
+    image (a JPEG at 1/8 scale, which still reads every entropy-coded block but skips most
+    of the work): what passes here, the pipeline decodes. Raises
+    :class:`~wsdan.data.decode.DecodeError` for anything it cannot decode, including an image
+    over ``MAX_IMAGE_PIXELS`` (refused from its header, before decoding)."""
+    d = decode(data, _PROBE_SIZE)
+    return d.width, d.height
 
 
 def _clip(box: Box | None, width: int, height: int) -> Box | None:
@@ -159,7 +165,9 @@ def load_image(listing: DatasetListing, record: ImageRecord) -> ImageRow | Skipp
         if listing.transform is not None:
             data = listing.transform(data)
         width, height = probe_image(data)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except DecodeError as e:
+        return Skipped(record.image_id, record.path, str(e))
+    except (OSError, ValueError) as e:  # from a format's transform
         return Skipped(record.image_id, record.path, f"{type(e).__name__}: {e}")
     record = replace(
         record,

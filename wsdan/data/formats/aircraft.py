@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, JpegImagePlugin
+from PIL import JpegImagePlugin
 
+from ..decode import open_image
 from ._common import (
     SPLITS,
     DatasetListing,
@@ -45,9 +46,10 @@ BANNER_PX = 20  # copyright banner at the bottom of every image (data set README
 
 def crop_banner(data: bytes) -> bytes:
     """Remove the bottom ``BANNER_PX`` rows and re-encode in the source's format (JPEG with
-    its own quantisation tables and subsampling). Raises OSError/ValueError on a corrupt
-    image or one not taller than the banner."""
-    with Image.open(io.BytesIO(data)) as im:
+    its own quantisation tables and subsampling). Raises ``DecodeError`` (a ValueError) on a
+    corrupt image, one over ``MAX_IMAGE_PIXELS`` (refused from its header, by `open_image`)
+    or one not taller than the banner."""
+    with open_image(data) as im:
         width, height = im.size
         if height <= BANNER_PX:
             raise ValueError(

@@ -1,6 +1,6 @@
 """A class-folder tree, the layout most users' own data comes in::
 
-    src/<class>/**/<file>.{jpg,jpeg,png,bmp,webp}                 one split (train)
+    src/<class>/**/<file>.{jpg,jpeg,png,bmp,gif,tif,tiff,webp}    one split (train)
     src/{train,val,test}/<class>/**/<file>.{jpg,...}              when the top level holds
                                                                    only split folders
 
@@ -17,7 +17,9 @@ import posixpath
 
 from ._common import SPLITS, DatasetFormatError, DatasetListing, ImageRecord, SourceTree
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# The extensions the raw-folder pipeline reads too (wsdan.data.pipeline.IMAGE_EXTENSIONS):
+# what it decodes, prepare stores (an animated GIF gives its first frame, at decode).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def _is_image(path: str) -> bool:
