@@ -14,6 +14,7 @@ epoch, so a resumed job continues exactly where it stopped.
 from __future__ import annotations
 
 import copy
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import ray.train.torch
 import torch
 from ray.train import DataConfig
 
+from wsdan import storage
 from wsdan.accel import Accel
 from wsdan.config import TrainConfig
 from wsdan.engine import evaluate, train_one_epoch
@@ -72,7 +74,12 @@ class ExactEvalDataConfig(DataConfig):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    torch.save(state, Path(path) / CHECKPOINT_FILE)
+    """Write ``state`` to ``path/state.pt`` whole or not at all (``wsdan.storage.write_bytes``):
+    a full disk raises ``StorageFullError`` naming the file, where ``torch.save`` to the
+    path would leave a truncated file and an error that names neither."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(str(Path(path) / CHECKPOINT_FILE), buf.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -40,10 +40,13 @@ an image's fault and stops the run.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
+import os
 import re
+import shutil
 import statistics
 import zlib
 from collections.abc import Iterator
@@ -59,7 +62,7 @@ import pyarrow.parquet as pq
 from wsdan.data.decode import DecodeError, decode
 from wsdan.data.formats import SPLITS, Box, DatasetListing, ImageRecord
 from wsdan.data.manifest import FORMAT_VERSION, MANIFEST
-from wsdan.storage import filesystem_and_path, write_bytes
+from wsdan.storage import StorageFullError, filesystem_and_path, is_remote, write_bytes
 
 # Side of the check decode of `probe_image`: small, so that a large JPEG is read at 1/8 scale.
 _PROBE_SIZE = 8
@@ -247,6 +250,41 @@ def _delete(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def check_space(listing: DatasetListing, dest: str, *, shard_mb: float) -> None:
+    """A local ``dest`` must hold the shards before anything is written (S3 has no "free
+    space"): the source images' bytes (they are stored as they are), plus a shard of
+    headroom (a shard replaces its old file only once written whole), against the free
+    space plus the shards already there, which this run replaces. Too little raises
+    :class:`StorageFullError` and leaves the data set there, if any, as it was."""
+    if is_remote(dest):
+        return
+    _, base = filesystem_and_path(dest)
+    sizes = listing.tree.files()
+    needed = sum(sizes.get(r.path, 0) for r in listing.records)
+    needed += 256 * len(listing.records) + min(int(shard_mb * 2**20), needed)  # footers
+    existing = 0
+    for split in SPLITS:
+        folder = os.path.join(base, split)
+        if os.path.isdir(folder):
+            existing += sum(e.stat().st_size for e in os.scandir(folder)
+                            if e.is_file() and _SHARD_NAME.match(e.name))
+    probe = base
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free + existing < needed:
+        raise StorageFullError(
+            errno.ENOSPC, f"not enough space at {base}: the data set needs about "
+            f"{_mib(needed)}, there are {_mib(free)} free"
+            + (f" and {_mib(existing)} in the shards there now" if existing else "")
+            + "; nothing was written (the data set there, if any, is unchanged): free space "
+            "or choose another --dest", base)
+
+
 def prepare_dataset(
     listing: DatasetListing,
     dest: str,
@@ -260,10 +298,10 @@ def prepare_dataset(
     """Write ``listing`` to ``dest`` as shards + ``dataset.json``; returns the manifest.
 
     A validation split is carved from train (`carve_val_split`) when the data set has none
-    and ``val_fraction > 0``.
+    and ``val_fraction > 0``. A local ``dest`` without room for the shards is refused before
+    anything is written (`check_space`); a device that fills up part-way raises
+    :class:`StorageFullError` naming the file, no partial file left, no manifest written.
     """
-    from tqdm import tqdm
-
     if not 0 < shard_mb <= MAX_SHARD_MB:
         raise ValueError(f"shard_mb must be in (0, {MAX_SHARD_MB}], got {shard_mb}")
     if not 0.0 <= val_fraction < 1.0:
@@ -275,8 +313,30 @@ def prepare_dataset(
             records, num_classes=len(listing.classes), fraction=val_fraction, seed=seed
         )
     target = int(shard_mb * 2**20)
+    check_space(listing, dest, shard_mb=shard_mb)
     fs, base = filesystem_and_path(dest)
     base = base.rstrip("/")
+    try:
+        return _write_all(listing, dest, fs, base, records, val_from_train=val_from_train,
+                          val_fraction=val_fraction, seed=seed, shard_mb=shard_mb,
+                          target=target, progress=progress, workers=workers)
+    except StorageFullError as e:
+        # The device filled up part-way (another writer, or more than estimated): say what
+        # state the destination is in. Every shard written is whole (atomic writes).
+        raise StorageFullError(
+            e.errno, f"{e}; {dest} is incomplete: the shards written so far are whole, but "
+            f"{MANIFEST} was not written, so readers refuse it until `wsdan data prepare` "
+            "completes there", e.filename) from e
+
+
+def _write_all(listing: DatasetListing, dest: str, fs: pafs.FileSystem, base: str,
+               records: list[ImageRecord], *, val_from_train: bool, val_fraction: float,
+               seed: int, shard_mb: float, target: int, progress: bool,
+               workers: int) -> dict[str, Any]:
+    """`prepare_dataset` once its inputs are checked: remove the old manifest, write the
+    shards split by split, delete stale shards, write the manifest."""
+    from tqdm import tqdm
+
     _delete(fs, f"{base}/{MANIFEST}")
 
     shards: dict[str, list[str]] = {}
