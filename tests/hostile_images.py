@@ -191,7 +191,8 @@ def _refused() -> list[Case]:
     corrupt[corrupt.index(b"IDAT") + 20] ^= 0xFF  # a flipped byte in the pixel stream
     return [
         Case("zero_byte", ".jpg", b"", reason="empty: 0 bytes"),
-        Case("garbage", ".png", b"this is not an image\n" * 3, reason="not an image"),
+        Case("garbage", ".png", b"<html><body>404 Not Found</body></html>\n",  # a failed download
+             reason="not an image"),
         Case("truncated", ".jpg", good[: len(good) // 2], reason="truncated"),
         Case("corrupt", ".png", bytes(corrupt), reason="broken data stream"),
         # Far over PIL's own limit (PIL would refuse it too) ...

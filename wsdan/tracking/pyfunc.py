@@ -9,11 +9,14 @@ and ``load_context`` rebuilds the network from random init (never downloading we
 loads the state dict strictly. The ``wsdan`` package travels in the model's ``code/`` folder,
 so a process without the project installed (``mlflow models serve``) can load it.
 
-Input: a DataFrame with a column ``image`` of encoded image bytes (JPEG, PNG, GIF, ... any size
-and mode), base64 strings of them, or H×W×3 uint8 arrays. They are pre-processed as validation
-in training is, by the same code: decoded and resized to resize_size² by ``wsdan.data.decode``
-(RGB conversion: alpha composited over white, 16-bit greys scaled, palettes and CMYK converted;
-bilinear antialiased resize; EXIF orientation ignored, in training too), then centre-cropped to
+Input: a DataFrame with a column ``image`` of encoded image bytes (JPEG, PNG, GIF, ... any mode,
+up to ``wsdan.data.decode.MAX_IMAGE_PIXELS`` pixels), base64 strings of them, or H×W×3 uint8
+arrays. They are pre-processed as validation in training is, by the same code: decoded and
+resized to resize_size² by ``wsdan.data.decode`` (RGB conversion: alpha composited over white,
+16-bit scaled, palettes and CMYK converted, an animated image's first frame; bilinear
+antialiased resize, 1×1 and long strips too; EXIF orientation ignored, in training too; an
+image whose header declares more pixels than the limit is refused before decoding, a
+decompression bomb costs no memory), then centre-cropped to
 image_size² (``wsdan.transforms.center_crop``, as ``wsdan.engine.evaluate``). (A plain list of
 these works on the model itself, ``unwrap_python_model().predict(None, images)``; MLflow's
 ``PyFuncModel.predict`` checks the input against the signature and wants the DataFrame.)
