@@ -187,3 +187,24 @@ def test_wrong_or_missing_keys_are_refused_in_one_line_without_the_secret(
     # The data set was not touched: nothing written under the refused prefix.
     keys = s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix="again/").get("KeyCount")
     assert keys == 0
+
+
+def test_the_secret_scan_finds_what_it_looks_for(tmp_path):
+    """tests/secret_scan.py (run on a whole job in tests/tuning/test_sweep.py) reports a
+    secret in a text, a log file deep in a folder and a data set's object, and nothing where
+    there is none."""
+    from tests.secret_scan import find_secrets
+
+    (tmp_path / "logs" / "session").mkdir(parents=True)
+    (tmp_path / "logs" / "session" / "worker.err").write_bytes(b"x" * 1000 + SECRET.encode())
+    (tmp_path / "logs" / "clean.log").write_text("nothing here")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    (tmp_path / "data" / "train" / "part-00000.parquet").write_bytes(b"PAR1" + SECRET.encode())
+    scan = find_secrets([SECRET], texts={"job output": f"a {SECRET} b", "clean": "ok"},
+                        dirs=[tmp_path / "logs"], datasets=[str(tmp_path / "data")])
+    assert scan["found"] == ["text job output", str(tmp_path / "logs/session/worker.err"),
+                             f"data set object {tmp_path / 'data/train/part-00000.parquet'}"]
+    assert scan["checked"] == {"texts": 2, "files": 2, "params": 0, "tags": 0, "artifacts": 0,
+                               "objects": 2}
+    assert find_secrets(["other-secret-value"], dirs=[tmp_path])["found"] == []
