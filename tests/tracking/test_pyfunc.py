@@ -430,3 +430,29 @@ def test_served_bad_requests_get_400_naming_the_problem(served_url):
     message = error({"dataframe_records": [{"image": good}, {"image": None}]})
     assert "column image" in message, message  # MLflow's base64 decoding of the column
     assert _post(url, {"dataframe_records": [{"image": good}]})["predictions"]  # still serving
+
+
+def test_served_hostile_images(served_url):
+    """The hostile image matrix (tests/hostile_images.py) over HTTP, on the server above: odd but
+    readable images are answered; a decompression bomb and an empty file get a 400 naming
+    their rows (the bomb refused from its header); the server keeps serving."""
+    from tests import hostile_images as hostile
+
+    url = f"{served_url}/invocations"
+    cases = hostile.by_name()
+
+    def rows(*names: str) -> dict[str, Any]:
+        return {"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(cases[n].data).decode("ascii")] for n in names]}}
+
+    odd = ("cmyk", "animated", "palette_alpha", "grey16", "strip_wide", "one_by_one")
+    assert len(_post(url, rows(*odd))["predictions"]) == len(odd)
+    status, answer = _request(url, rows("cmyk", "bomb_50000", "zero_byte"))
+    assert status == 400, f"{status}: {answer}"
+    message = answer["message"]
+    bomb = len(cases["bomb_50000"].data)
+    assert f"row 1: cannot decode image ({bomb} bytes): image of 2,500,000,000 pixels" in message
+    assert "refused from its header before decoding" in message, message
+    assert "row 2: cannot decode image (0 bytes): empty" in message, message
+    assert "row 0" not in message, message
+    assert _post(url, rows("photo_control"))["predictions"]  # still serving
