@@ -356,6 +356,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         with served(model, env, folder, args) as server:
             startup = time.perf_counter() - t
+            rss_ready = server_rss(server.pid)
             warm = run_phase(server.url, "warm-up",
                              mixed(good, {}, args.warmup, 0) + list(bad.values()), args.clients)
             rss_before = server_rss(server.pid)
@@ -378,6 +379,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_request": args.images_per_request,
         "baseline": base.summary(), "load": load.summary(), "bad": bad_rows,
         "warmup_failed": len(warm_failed),
+        "rss_ready_mb": round(rss_ready / 2**20, 1),
         "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
         "rss_growth_mb": round(growth, 1), "rss_margin_mb": args.rss_margin_mb,
     }
@@ -408,7 +410,8 @@ def print_report(r: dict[str, Any]) -> None:
         statuses = ",".join(map(str, b["statuses"]))
         message = " ".join(b["message"].split())
         print(f"{kind:<14}{b['sent']:>5}{b['held']:>5}  {statuses:<6}  {message[-110:]}")
-    print(f"server RSS (process tree): {r['rss_before_mb']:.0f} MB after warm-up, "
+    print(f"server RSS (process tree): {r['rss_ready_mb']:.0f} MB when ready, "
+          f"{r['rss_before_mb']:.0f} MB after warm-up, "
           f"{r['rss_after_mb']:.0f} MB after the run: {r['rss_growth_mb']:+.1f} MB "
           f"(margin {r['rss_margin_mb']} MB: {'held' if r['rss_held'] else 'NOT held'})")
     if r.get("warmup_error"):

@@ -64,6 +64,7 @@ def test_served_model_under_load_with_bad_requests() -> None:
     args = bench_serve.get_args_parser().parse_args([
         "--requests", "200", "--clients", "4", "--bad-every", "20", "--baseline-requests", "20",
         "--warmup", "16", "--image-px", "64", "--image-size", "32", "--big-mb", "50",
+        "--max-request-mb", "30",  # reaches the served model through wsdan serve's env
     ])  # fmt: skip
     r = bench_serve.bench(args)
     summary = json.dumps({k: v for k, v in r.items() if k != "bad"})
@@ -84,10 +85,10 @@ def test_served_model_under_load_with_bad_requests() -> None:
     assert "Model is missing inputs ['image']" in messages["wrong column"]
     assert "row 0: cannot decode image (32 bytes): not an image" in messages["not an image"]
     assert "empty batch: no rows in the 'image' column" in messages["empty batch"]
-    assert ("request too large: 37.5 MB of images, over the limit of 20 MB per request "
+    assert ("request too large: 37.5 MB of images, over the limit of 30 MB per request "
             "(max_request_mb)") in messages["big body"]
     assert "Ensure that input is a valid JSON formatted string" in messages["not JSON"]
     # No leak: the server's memory after the run is within the margin of after the warm-up.
-    assert r["rss_before_mb"] > 100 and r["rss_after_mb"] > 100  # the tree was measured
+    assert min(r["rss_ready_mb"], r["rss_before_mb"], r["rss_after_mb"]) > 100  # the tree
     assert r["rss_growth_mb"] <= r["rss_margin_mb"] == 64.0, summary
     assert r["rss_held"] and r["ok"]

@@ -410,6 +410,13 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
+def default_model_config() -> dict[str, Any]:
+    """The model config logged with the model: every key a loader may override (device
+    None: CUDA when available)."""
+    return {"device": None, "max_images": DEFAULT_MAX_IMAGES,
+            "max_request_mb": DEFAULT_MAX_REQUEST_MB}
+
+
 def example_input(image_size: int = 64) -> pd.DataFrame:
     """A one-row input of a grey PNG: the logged input example."""
     buf = io.BytesIO()
@@ -462,6 +469,9 @@ def log_wsdan_model(
             code_paths=[str(Path(wsdan.__file__).parent)],
             registered_model_name=registered_model_name,
             metadata={"wsdan_format_version": FORMAT_VERSION},
+            # MLflow lets a loader override only the keys logged here (mlflow models serve:
+            # SERVING_MODEL_CONFIG; load_model(model_config=...)); others are dropped.
+            model_config=default_model_config(),
         )
     if metrics:
         mlflow.log_metrics(dict(metrics), run_id=info.run_id, model_id=info.model_id)
