@@ -18,6 +18,9 @@ from wsdan.config import ConfigError, TrainConfig
 from wsdan.model import WSDAN, build_model
 
 JOB_FILE = "wsdan_job.json"
+# Ray Train's own record of a run's reported checkpoints, beside them: the latest one in it
+# is where a rerun of the job resumes (a checkpoint not yet in it is not resumed from).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -90,10 +93,13 @@ class JobResult:
     # which is not the best one when an earlier epoch scored higher).
     last_worker_nodes: list[str] | None = None
     last_replica_digests: list[str] | None = None
+    # The epoch of the checkpoint this run resumed from (0: it started from scratch).
+    resumed_from_epoch: int = 0
 
     def summary(self) -> dict[str, Any]:
         digests = self.last_replica_digests or self.state.get("replica_digests") or []
         return {"epochs": self.epochs, "best_epoch": self.best_epoch,
+                "resumed_from_epoch": self.resumed_from_epoch,
                 "wall_s": round(self.wall_s, 1),
                 "worker_nodes": self.last_worker_nodes or self.state.get("worker_nodes"),
                 "replicas_identical": len(set(digests)) == 1 if digests else None,
@@ -179,6 +185,21 @@ def check_resume(cfg: TrainConfig, spec: JobSpec) -> dict[str, Any] | None:
                 f"{spec.storage_path} was started with {previous.get(key)!r}: resuming "
                 "it would load mismatched weights (use another --name)")
     return previous
+
+
+def resume_epoch(spec: JobSpec) -> int:
+    """The epoch of the checkpoint a run of this job resumes from: the latest one in Ray
+    Train's snapshot under the job's folder; 0 when there is none (a new job, or one that
+    stopped before its first checkpoint was taken in). A snapshot that cannot be read
+    counts as none: Ray Train reports that itself when it restores."""
+    uri = f"{spec.storage_path.rstrip('/')}/{spec.name}/{RAY_SNAPSHOT}"
+    try:
+        if not storage.exists(uri):
+            return 0
+        latest = json.loads(storage.read_bytes(uri)).get("latest_checkpoint_result") or {}
+        return int((latest.get("metrics") or {}).get("epoch", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def record_job(cfg: TrainConfig, spec: JobSpec, *, run_id: str | None = None,
@@ -271,6 +292,12 @@ def run_job(
 
     if not storage.exists(_job_file(spec)):
         record_job(cfg, spec)
+    resumed_from = resume_epoch(spec)
+    if progress and resumed_from:
+        left = cfg.optim.epochs - resumed_from
+        print(f"[wsdan] resuming from the checkpoint of epoch {resumed_from}: "
+              + (f"{left} more epoch(s) to train" if left > 0 else "no epoch left to train"),
+              flush=True)
     datasets = {
         "train": build_dataset(cfg.data.source, "train", cfg=cfg.data, train=True,
                                seed=cfg.seed, shuffle=True),
@@ -313,7 +340,8 @@ def run_job(
                      best_epoch=int(state["epoch"]), wall_s=wall, datasets=datasets,
                      class_names=class_names,
                      last_worker_nodes=last_state.get("worker_nodes"),
-                     last_replica_digests=last_state.get("replica_digests"))
+                     last_replica_digests=last_state.get("replica_digests"),
+                     resumed_from_epoch=resumed_from)
 
 
 def best_checkpoint(result) -> Any:
