@@ -90,6 +90,9 @@ def test_local_services_listen_on_loopback_only_and_a_stopped_head_leaves_nothin
     same classes with the same loopback defaults): every socket any of their processes
     listens on is bound to loopback. Then the head is stopped: every process it started is
     gone, Ray's dashboard and runtime-env agents included (one ignores SIGTERM)."""
+    # What pytest prints of these fixtures when a test fails holds no key.
+    shown = repr(s3_server) + repr(mlflow_server) + repr(s3_server.aws_env())
+    assert s3_server.config.secret_key not in shown and s3_server.endpoint in shown
     s3_procs, ml_procs = _tree(s3_server.pid()), _tree(mlflow_server.pid())
     ray_procs = ray_head_node.processes()
     names = {p.name() for p in ray_procs}

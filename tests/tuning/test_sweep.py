@@ -328,7 +328,25 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
     assert summary["trials"] == 2 and summary["trials_failed"] == 0
     assert "| trial_id |" in logs  # the results table is printed for the user
-    assert s3_server.config.secret_key not in logs + json.dumps(env_vars)
+    # No secret anywhere the job left something: its output, the job's runtime_env as the
+    # cluster holds it, the head's folder (Ray's session logs), every param, tag and
+    # artifact of the sweep's runs, the data set's objects (tests/secret_scan.py).
+    from mlflow import MlflowClient
+
+    from tests.helpers import aws_environ
+    from tests.secret_scan import find_secrets
+
+    uri = job_runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]
+    runs = [summary["parent_run_id"], *(c.info.run_id for c in _children(
+        MlflowClient(uri), summary["parent_run_id"]))]
+    info = JobSubmissionClient(ray_head_node.config.dashboard_url).get_job_info(job_id)
+    with aws_environ(s3_server):
+        scan = find_secrets([s3_server.config.secret_key], tracking_uri=uri, run_ids=runs,
+                            texts={"submit": done.stdout + done.stderr, "logs": logs,
+                                   "runtime_env": json.dumps(info.runtime_env)},
+                            dirs=[ray_head_node.config.temp_dir], datasets=[colours])
+    assert scan["found"] == [], scan
+    assert len(runs) == 3 and min(scan["checked"].values()) > 0, scan["checked"]
 
 
 def test_a_failing_trial_is_reported_and_the_sweep_goes_on(colours, ray_cluster, s3_env,
