@@ -7,7 +7,8 @@ given), the server binds 127.0.0.1, and the model runs in this environment
 pyfunc model's (``wsdan.tracking.pyfunc``): a JSON ``dataframe_split`` with an ``image``
 column of base64-encoded files. A request of more than ``--max-images`` images or
 ``--max-request-mb`` MB of images is refused with HTTP 400 naming the limit, before any image
-is decoded (the model's config, passed to the server in ``SERVING_MODEL_CONFIG``); other bad
+is decoded (the server's environment variables ``WSDAN_SERVE_MAX_IMAGES`` and
+``WSDAN_SERVE_MAX_REQUEST_MB``, which the model reads at load); other bad
 requests (no ``image`` column, an empty batch, a value that is not an image) get a 400 naming
 the problem too. ``python -m jobs.bench_serve`` load-tests the server.
 
@@ -18,7 +19,6 @@ the problem too. ``python -m jobs.bench_serve`` load-tests the server.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -26,9 +26,12 @@ import sys
 
 from wsdan.config import ConfigError
 
-# The pyfunc model's defaults (wsdan.tracking.pyfunc), repeated so --help needs no torch.
+# The pyfunc model's limits and their variables (wsdan.tracking.pyfunc), repeated so --help
+# needs no torch.
 DEFAULT_MAX_IMAGES = 256
 DEFAULT_MAX_REQUEST_MB = 20.0
+MAX_IMAGES_ENV = "WSDAN_SERVE_MAX_IMAGES"
+MAX_REQUEST_MB_ENV = "WSDAN_SERVE_MAX_REQUEST_MB"
 
 _NAME = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))?$")
 
@@ -59,17 +62,14 @@ def serve_command(args: argparse.Namespace) -> list[str]:
 
 def serve_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: ``environ`` (default ``os.environ``) with the request limits
-    in ``SERVING_MODEL_CONFIG`` (which ``mlflow models serve`` passes to the model's
+    in ``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB`` (the model reads them in
     ``load_context``) and this Python's ``bin/`` on PATH (serve runs ``uvicorn`` from it)."""
-    from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
-
     env = dict(os.environ if environ is None else environ)
     if args.max_images < 1 or args.max_request_mb <= 0:
         raise ConfigError(f"--max-images ({args.max_images}) and --max-request-mb "
                           f"({args.max_request_mb}) must be positive")
-    config = json.loads(env.get(SERVING_MODEL_CONFIG) or "{}")
-    config.update(max_images=args.max_images, max_request_mb=args.max_request_mb)
-    env[SERVING_MODEL_CONFIG] = json.dumps(config)
+    env[MAX_IMAGES_ENV] = str(args.max_images)
+    env[MAX_REQUEST_MB_ENV] = f"{args.max_request_mb:g}"
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
     return env

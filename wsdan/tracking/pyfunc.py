@@ -27,9 +27,9 @@ Over ``mlflow models serve``, send base64 text in the ``image`` column of a
 named by its position counted from 0, e.g. ``row 2: cannot decode image (12 bytes): ...``,
 and a request over the size limits (checked before any image is decoded): more than
 ``max_images`` images (default 256) or more than ``max_request_mb`` MB of encoded image
-bytes in all (default 20), both settable in the model config at load
-(``wsdan serve --max-images/--max-request-mb``; ``SERVING_MODEL_CONFIG`` for ``mlflow models
-serve``).
+bytes in all (default 20), both read at load from the environment variables
+``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB`` (``wsdan serve --max-images
+--max-request-mb`` sets them; set them yourself for a plain ``mlflow models serve``).
 Output: one row per image::
 
     class_id       int     argmax of the fused logits (raw + crop) / 2
@@ -48,8 +48,9 @@ import contextlib
 import importlib.metadata
 import io
 import json
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,9 +90,12 @@ mlflow.models.set_model(WSDANPyfunc())
 """
 # Images per forward pass: bounds memory for large requests (each image costs two passes).
 DEFAULT_BATCH_SIZE = 32
-# Request limits, checked before decoding (model_config keys max_images, max_request_mb).
+# Request limits, checked before decoding; the server's environment may set them. (Not a
+# model_config: MLflow drops the keys a model was not logged with, and logs those as params.)
 DEFAULT_MAX_IMAGES = 256
 DEFAULT_MAX_REQUEST_MB = 20.0
+MAX_IMAGES_ENV = "WSDAN_SERVE_MAX_IMAGES"
+MAX_REQUEST_MB_ENV = "WSDAN_SERVE_MAX_REQUEST_MB"
 IMAGE_COLUMN = "image"
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 # Packages the model needs at load time, pinned to the installed versions. pyarrow: the
@@ -325,6 +329,26 @@ def _encoded_size(value: Any) -> int:
     return 0
 
 
+def request_limits(environ: Mapping[str, str] | None = None) -> tuple[int, float]:
+    """(max_images, max_request_mb) from ``environ`` (default ``os.environ``): the variables
+    ``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB``, else the defaults. A value
+    that is not a positive number is a ValueError naming the variable."""
+    environ = os.environ if environ is None else environ
+    limits: list[float] = []
+    for name, kind, default in ((MAX_IMAGES_ENV, int, DEFAULT_MAX_IMAGES),
+                                (MAX_REQUEST_MB_ENV, float, DEFAULT_MAX_REQUEST_MB)):
+        text = environ.get(name, "").strip()
+        try:
+            value = kind(text) if text else default
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise ValueError(f"{name}={text!r}: expected a positive "
+                             f"{'whole number' if kind is int else 'number'}")
+        limits.append(value)
+    return int(limits[0]), float(limits[1])
+
+
 def check_request_size(values: Sequence[Any], max_images: int, max_request_mb: float) -> None:
     """A client error (:class:`MlflowException`, HTTP 400 when served) naming the limit when
     a request holds more than ``max_images`` images or more than ``max_request_mb`` MB of
@@ -347,8 +371,8 @@ def check_request_size(values: Sequence[Any], max_images: int, max_request_mb: f
 
 class WSDANPyfunc(mlflow.pyfunc.PythonModel):
     """Refined WS-DAN prediction. ``model_config={"device": "cuda"}`` (or "cpu") at load
-    overrides the default device (CUDA when available); ``max_images`` and
-    ``max_request_mb`` override the request limits (``check_request_size``)."""
+    overrides the default device (CUDA when available). The request limits
+    (``check_request_size``) come from the environment at load (``request_limits``)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
@@ -364,9 +388,7 @@ class WSDANPyfunc(mlflow.pyfunc.PythonModel):
         self.theta = float(spec["inference"]["refine_theta"])
         self.padding = float(spec["inference"]["refine_padding"])
         self.batch_size = int(spec.get("batch_size", DEFAULT_BATCH_SIZE))
-        config = context.model_config or {}
-        self.max_images = int(config.get("max_images", DEFAULT_MAX_IMAGES))
-        self.max_request_mb = float(config.get("max_request_mb", DEFAULT_MAX_REQUEST_MB))
+        self.max_images, self.max_request_mb = request_limits()
 
     # MLflow reads the hint of model_input: pd.DataFrame is one it neither validates nor infers
     # a schema from (Any or none draw a warning). Lists of images are accepted too; the
@@ -408,13 +430,6 @@ class WSDANPyfunc(mlflow.pyfunc.PythonModel):
 def pinned_requirements() -> list[str]:
     """``REQUIREMENTS`` pinned to the installed versions, without local tags (``+cu130``)."""
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
-
-
-def default_model_config() -> dict[str, Any]:
-    """The model config logged with the model: every key a loader may override (device
-    None: CUDA when available)."""
-    return {"device": None, "max_images": DEFAULT_MAX_IMAGES,
-            "max_request_mb": DEFAULT_MAX_REQUEST_MB}
 
 
 def example_input(image_size: int = 64) -> pd.DataFrame:
@@ -469,9 +484,6 @@ def log_wsdan_model(
             code_paths=[str(Path(wsdan.__file__).parent)],
             registered_model_name=registered_model_name,
             metadata={"wsdan_format_version": FORMAT_VERSION},
-            # MLflow lets a loader override only the keys logged here (mlflow models serve:
-            # SERVING_MODEL_CONFIG; load_model(model_config=...)); others are dropped.
-            model_config=default_model_config(),
         )
     if metrics:
         mlflow.log_metrics(dict(metrics), run_id=info.run_id, model_id=info.model_id)
