@@ -1,6 +1,6 @@
 """Secrets and access: the S3 keys stay out of reprs and error messages, wrong or missing keys
-are refused with one clear line, the local services listen on loopback only, and stopping a
-Ray head ends every process it started.
+are refused with one clear line, `wsdan stack up` listens on loopback only, and `wsdan stack
+down` ends every process it started.
 
 The scan of a whole job's outputs for the keys (logs, Ray's session folder, MLflow, the
 shards' metadata) runs inside the `ray job submit` test of tests/tuning/test_sweep.py, which
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 from pathlib import Path
 
 import psutil
@@ -83,40 +84,70 @@ def _tree(pid: int | None) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-@pytest.mark.slow
-def test_local_services_listen_on_loopback_only_and_a_stopped_head_leaves_nothing(
-        s3_server, mlflow_server, ray_head_node):
-    """The S3 server, the MLflow server and a Ray head (what ``wsdan stack up`` starts, the
-    same classes with the same loopback defaults): every socket any of their processes
-    listens on is bound to loopback. Then the head is stopped: every process it started is
-    gone, Ray's dashboard and runtime-env agents included (one ignores SIGTERM)."""
-    # What pytest prints of these fixtures when a test fails holds no key.
-    shown = repr(s3_server) + repr(mlflow_server) + repr(s3_server.aws_env())
-    assert s3_server.config.secret_key not in shown and s3_server.endpoint in shown
-    s3_procs, ml_procs = _tree(s3_server.pid()), _tree(mlflow_server.pid())
-    ray_procs = ray_head_node.processes()
-    names = {p.name() for p in ray_procs}
-    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
-    for service, procs in (("s3", s3_procs), ("mlflow", ml_procs), ("ray", ray_procs)):
-        sockets = _listening(procs)
-        assert sockets, f"{service}: no listening socket found"
-        public = [s for s in sockets if not _is_loopback(s[1])]
-        assert not public, f"{service} listens beyond loopback: {public}"
-    # Ports the configs name are among them (the check saw the real servers).
-    s3_ports = {port for _, _, port in _listening(s3_procs)}
-    assert set(s3_server.config.ports.values()) <= s3_ports
-    assert mlflow_server.config.port in {port for _, _, port in _listening(ml_procs)}
-    assert ray_head_node.config.dashboard_port in {port for _, _, port in
-                                                   _listening(ray_procs)}
+def _stack_ports() -> dict[str, str]:
+    """WSDAN_*_PORT values for a stack of its own: free ports whose SeaweedFS gRPC twins
+    (+10000) are free too."""
+    from wsdan.services import find_free_ports
+    from wsdan.services.seaweedfs import port_in_use
 
-    temp_dir = str(ray_head_node.config.temp_dir)
-    ray_head_node.stop()
-    left = [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [f"{p.pid} {p.name()}" for p in left]
-    naming = [p.pid for p in psutil.process_iter(["cmdline"])
-              if any(temp_dir in part for part in (p.info["cmdline"] or []))]
-    assert naming == []
-    assert ray_head_node.processes() == []
+    names = ["S3", "S3_MASTER", "S3_VOLUME", "S3_FILER", "MLFLOW", "RAY", "RAY_DASHBOARD",
+             "RAY_CLIENT", "RAY_AGENT"]
+    while True:
+        ports = find_free_ports(len(names))
+        twins = [p + 10000 for p in ports[:4]]
+        if max(twins) < 65536 and not any(port_in_use(p) for p in twins):
+            return {f"WSDAN_{n}_PORT": str(p) for n, p in zip(names, ports, strict=True)}
+
+
+@pytest.mark.slow
+def test_the_stack_listens_on_loopback_only_and_down_ends_every_process(
+        tmp_path, monkeypatch, capsys, mlflow_server):
+    """`wsdan stack up` (S3 server and Ray head; its MLflow server is the same class as the
+    session's ``mlflow_server``, checked in its place to save a start): every socket any of
+    their processes listens on is bound to loopback. `wsdan stack down` then ends every
+    process `up` started, Ray's dashboard and runtime-env agents included (one ignores
+    SIGTERM), and nothing naming the head's temp dir is left."""
+    from wsdan import stack
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WSDAN_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("WSDAN_RAY_CPUS", "2")
+    for name, value in _stack_ports().items():
+        monkeypatch.setenv(name, value)
+    paths = stack.stack_paths()
+    s3, head = stack.s3_server(paths), stack.ray_head(paths)
+    try:
+        assert main(["stack", "up", "--no-mlflow"]) == 0
+        s3_procs, ray_procs = _tree(s3.pid()), head.processes()
+        ml_procs = _tree(mlflow_server.pid())
+        names = {p.name() for p in ray_procs}
+        assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
+        for service, procs in (("s3", s3_procs), ("mlflow", ml_procs), ("ray", ray_procs)):
+            sockets = _listening(procs)
+            public = [s for s in sockets if not _is_loopback(s[1])]
+            assert sockets and not public, f"{service} listens beyond loopback: {public}"
+        # The ports the configs name are among them (the check saw the real servers).
+        assert set(s3.config.ports.values()) <= {port for _, _, port in _listening(s3_procs)}
+        assert mlflow_server.config.port in {port for _, _, port in _listening(ml_procs)}
+        ray_ports = {port for _, _, port in _listening(ray_procs)}
+        assert {head.config.port, head.config.dashboard_port} <= ray_ports
+        # What pytest prints of these objects when a test fails holds no key.
+        secret = stack.credentials(paths)[1]
+        shown = repr(s3) + repr(mlflow_server) + repr(s3.aws_env()) + capsys.readouterr().out
+        assert secret not in shown and mlflow_server.config.s3_secret_key not in shown
+
+        assert main(["stack", "down"]) == 0
+        started = s3_procs + ray_procs
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [f"{p.pid} {p.name()}" for p in left]
+        temp_dir = str(head.config.temp_dir)
+        assert [p.pid for p in psutil.process_iter(["cmdline"])
+                if any(temp_dir in part for part in (p.info["cmdline"] or []))] == []
+        assert head.processes() == [] and s3.pid() is None
+    finally:
+        stack.down(paths)
+        shutil.rmtree(head.config.temp_dir, ignore_errors=True)
 
 
 # -- wrong keys, no keys: refused, one line, exit 2, no secret -----------------------------
