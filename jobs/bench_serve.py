@@ -11,7 +11,8 @@ whose message names the problem; the good requests around them must all succeed.
 Figures: failed requests, p50/p99 latency of the good requests, images/s (good images over
 the phase's wall time), and the RSS of the server's process tree (``mlflow models serve`` and
 its uvicorn worker) after the warm-up and after the run; the run holds if it grew by at most
-``--rss-margin-mb``. The warm-up sends every kind of request, bad ones included, from
+``--rss-margin-mb`` (also sampled after each quarter of the load phase: a leak climbs
+quarter by quarter, the allocator's churn does not). The warm-up sends every kind of request, bad ones included, from
 ``--clients`` clients, so the server has reached its working set (threads, allocator arenas,
 the high-water mark of the big body) before the first measurement: what grows after it is
 what the requests leave behind.
@@ -81,6 +82,7 @@ class Phase:
     clients: int
     outcomes: list[Outcome] = field(default_factory=list)
     wall: float = 0.0
+    probed: list[Any] = field(default_factory=list)
 
     def good(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind == "good"]
@@ -284,11 +286,14 @@ def _judge(req: Req, status: int, body: bytes) -> tuple[bool, str]:
 
 
 def run_phase(url: str, name: str, requests: list[Req], clients: int,
-              timeout: float = 120) -> Phase:
+              timeout: float = 120, probe: Any = None, probes: int = 0) -> Phase:
     """Send ``requests`` (in order, as the clients take them) from ``clients`` threads, one
-    keep-alive connection each (a new one after a connection error)."""
+    keep-alive connection each (a new one after a connection error). ``probe()``, if given,
+    runs each time another 1/``probes`` of the requests has been answered; its values are
+    in ``phase.probed``."""
     host, port = url.removeprefix("http://").split(":")
     phase = Phase(name, clients)
+    marks = {len(requests) * k // probes for k in range(1, probes + 1)} if probe else set()
     lock = threading.Lock()
     taken = iter(range(len(requests)))
 
@@ -313,6 +318,8 @@ def run_phase(url: str, name: str, requests: list[Req], clients: int,
                                   req.images, held)
                 with lock:
                     phase.outcomes.append(outcome)
+                    if len(phase.outcomes) in marks:
+                        phase.probed.append(probe())
         finally:
             conn.close()
 
@@ -363,7 +370,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             base = run_phase(server.url, "baseline",
                              mixed(good, bad, args.baseline_requests, args.bad_every), 1)
             load = run_phase(server.url, "load",
-                             mixed(good, bad, args.requests, args.bad_every), args.clients)
+                             mixed(good, bad, args.requests, args.bad_every), args.clients,
+                             probe=lambda: server_rss(server.pid), probes=4)
             rss_after = server_rss(server.pid)
     growth = (rss_after - rss_before) / 2**20
     bad_rows = {}
@@ -380,7 +388,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": base.summary(), "load": load.summary(), "bad": bad_rows,
         "warmup_failed": len(warm_failed),
         "rss_ready_mb": round(rss_ready / 2**20, 1),
-        "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
+        "rss_before_mb": round(rss_before / 2**20, 1),
+        "rss_load_quarters_mb": [round(v / 2**20, 1) for v in load.probed], "rss_after_mb": round(rss_after / 2**20, 1),
         "rss_growth_mb": round(growth, 1), "rss_margin_mb": args.rss_margin_mb,
     }
     result["rss_held"] = growth <= args.rss_margin_mb
@@ -414,6 +423,8 @@ def print_report(r: dict[str, Any]) -> None:
           f"{r['rss_before_mb']:.0f} MB after warm-up, "
           f"{r['rss_after_mb']:.0f} MB after the run: {r['rss_growth_mb']:+.1f} MB "
           f"(margin {r['rss_margin_mb']} MB: {'held' if r['rss_held'] else 'NOT held'})")
+    quarters = ", ".join(f"{v:.0f}" for v in r["rss_load_quarters_mb"])
+    print(f"  during the load, after each quarter of its requests: {quarters} MB")
     if r.get("warmup_error"):
         print(f"warm-up failed: {r['warmup_error']}")
     print("all held" if r["ok"] else "NOT all held")

@@ -97,5 +97,6 @@ def test_served_model_under_load_with_bad_requests() -> None:
     assert "Ensure that input is a valid JSON formatted string" in messages["not JSON"]
     # No leak: the server's memory after the run is within the margin of after the warm-up.
     assert min(r["rss_ready_mb"], r["rss_before_mb"], r["rss_after_mb"]) > 100  # the tree
+    assert len(r["rss_load_quarters_mb"]) == 4 and min(r["rss_load_quarters_mb"]) > 100
     assert r["rss_growth_mb"] <= r["rss_margin_mb"] == 64.0, summary
     assert r["rss_held"] and r["ok"]
