@@ -12,7 +12,9 @@ the assertions read it:
   readable Parquet, no temporary or partial file is left and no manifest claims the set;
 * a checkpoint (``save_backbone_weights``, Ray Train's per-epoch ``save_checkpoint``) that
   does not fit: ``StorageFullError`` naming the file; the previous checkpoint still loads
-  with ``torch.load(weights_only=True)``; no temporary file is left.
+  with ``torch.load(weights_only=True)``; no temporary file is left;
+* Ray Train's checkpoint snapshot, which it rewrites in place and a full local disk left
+  empty (Ray Train then refused to resume): rebuilt by the job from the whole checkpoints.
 """
 
 from __future__ import annotations
@@ -205,3 +207,37 @@ def _child(mnt: str, report: str, small: str, big: str) -> None:
 
 if __name__ == "__main__":
     _child(*sys.argv[1:5])
+
+
+def test_an_emptied_ray_train_snapshot_is_rebuilt_from_the_whole_checkpoints(tmp_path):
+    """Ray Train rewrites its checkpoint snapshot in place: on a local storage path that
+    filled up it was left empty (0 bytes, seen with the tmpfs above and a real TorchTrainer)
+    and Ray Train refused to resume. The job rebuilds it from the checkpoints that load."""
+    import torch
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+    )
+
+    from wsdan.launcher import RAY_SNAPSHOT, JobSpec, repair_snapshot, resume_epoch
+    from wsdan.raytrain import save_checkpoint
+
+    spec = JobSpec(name="job", storage_path=str(tmp_path / "runs"))
+    job = tmp_path / "runs" / "job"
+    for epoch, name in ((1, "checkpoint_2026-11-30_10-00-00.000001"),
+                        (2, "checkpoint_2026-11-30_10-05-00.000001")):
+        save_checkpoint(job / name, {"model": {"w": torch.full((4,), float(epoch))},
+                                     "epoch": epoch, "metrics": {"epoch": epoch,
+                                                                 "val_fused_top1": 0.5}})
+    later = job / "checkpoint_2026-11-30_10-05-00.000001" / "state.pt"
+    later.write_bytes(later.read_bytes()[:100])  # epoch 2's upload cut short by the full disk
+    assert repair_snapshot(spec) is None  # no snapshot: a new job, nothing to repair
+    (job / RAY_SNAPSHOT).write_bytes(b"")
+    line = repair_snapshot(spec)
+    assert line is not None and "rebuilt from 1 whole checkpoint(s) of 2, resuming from " \
+        "epoch 1" in line, line
+    assert (job / f"{RAY_SNAPSHOT}.broken").read_bytes() == b""
+    state = _CheckpointManagerState.parse_obj(json.loads((job / RAY_SNAPSHOT).read_text()))
+    assert state.latest_checkpoint_result.checkpoint_dir_name == \
+        "checkpoint_2026-11-30_10-00-00.000001"
+    assert [r.metrics["epoch"] for r in state.checkpoint_results] == [1]
+    assert resume_epoch(spec) == 1 and repair_snapshot(spec) is None  # once, then readable

@@ -202,6 +202,64 @@ def resume_epoch(spec: JobSpec) -> int:
         return 0
 
 
+def repair_snapshot(spec: JobSpec) -> str | None:
+    """Rebuild Ray Train's snapshot of this job when it is there but unreadable; returns a
+    line saying what was done, None when there was nothing to do.
+
+    Ray Train rewrites the snapshot in place after each checkpoint; on a local storage path
+    a device that fills up at that moment leaves it empty (seen: 0 bytes after ENOSPC), and
+    Ray Train then refuses to start the rerun ("Expecting value: line 1 column 1"), although
+    the checkpoints beside it are whole. Each of our checkpoints holds its epoch and its
+    reported metrics, so the snapshot is rebuilt from those whose ``state.pt`` loads
+    (``weights_only``; a checkpoint cut short by the full disk does not and is left out),
+    the latest epoch last, which is where the rerun resumes. The broken file is kept as
+    ``<snapshot>.broken``."""
+    job = f"{spec.storage_path.rstrip('/')}/{spec.name}"
+    uri = f"{job}/{RAY_SNAPSHOT}"
+    if not storage.exists(uri):
+        return None
+    raw = storage.read_bytes(uri)
+    try:
+        if isinstance(json.loads(raw), dict):
+            return None
+    except ValueError:
+        pass
+    import io
+
+    import pyarrow.fs as pafs
+    import ray
+    import torch
+
+    fs, base = storage.filesystem_and_path(job)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(base))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    found = []
+    for name in names:
+        try:
+            state = torch.load(io.BytesIO(storage.read_bytes(f"{job}/{name}/state.pt")),
+                               map_location="cpu", weights_only=True)
+            found.append((int(state["epoch"]), name, {k: float(v) for k, v in
+                                                      state["metrics"].items()}))
+        except Exception:  # noqa: BLE001 - cut short, or not one of ours: not resumable
+            continue
+    found.sort()
+    results = [{"version": 0, "checkpoint_dir_name": n, "metrics": m} for _, n, m in found]
+    snapshot = {"ray_version": ray.__version__, "checkpoint_results": results,
+                "checkpoint_report_indices": [e - 1 for e, _, _ in found],
+                "latest_checkpoint_result": results[-1] if results else None,
+                "pending_training_results": [], "pending_validation_specs": [],
+                "current_report_index": found[-1][0] if found else 0,
+                "validated_checkpoint_dir_names": [],
+                "timed_out_validation_checkpoint_dir_names": [],
+                "failed_validation_checkpoint_dir_names": []}
+    storage.write_bytes(f"{uri}.broken", raw)
+    storage.write_bytes(uri, json.dumps(snapshot).encode())
+    return (f"Ray Train's checkpoint snapshot {uri} was unreadable ({len(raw)} bytes; kept as "
+            f"{RAY_SNAPSHOT}.broken): rebuilt from {len(found)} whole checkpoint(s) of "
+            f"{len(names)}" + (f", resuming from epoch {found[-1][0]}" if found else
+                               ", starting from scratch"))
+
+
 def record_job(cfg: TrainConfig, spec: JobSpec, *, run_id: str | None = None,
                tracking_uri: str | None = None) -> None:
     """Keep the job's identity (what a resume must match) and its MLflow run id with its
@@ -292,6 +350,9 @@ def run_job(
 
     if not storage.exists(_job_file(spec)):
         record_job(cfg, spec)
+    repaired = repair_snapshot(spec)
+    if repaired:
+        print(f"[wsdan] {repaired}", flush=True)
     resumed_from = resume_epoch(spec)
     if progress and resumed_from:
         left = cfg.optim.epochs - resumed_from
