@@ -108,8 +108,9 @@ def test_s3_uri_errors(s3_env):
 
 
 def test_s3_error_names_uri_endpoint_bucket_not_credentials(monkeypatch, s3_env):
-    """One refused connection on loopback (~2 s with the SDK's retries): the message says
-    where, and never carries the secret."""
+    """Refused connections on loopback: the message says where, and never carries the
+    secret. One retry: the default policy would retry for ~25 s (tests/test_faults.py)."""
+    monkeypatch.setenv("WSDAN_S3_RETRIES", "1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         port = sock.getsockname()[1]

@@ -336,6 +336,9 @@ def test_wrong_endpoint_or_secret_named_without_secret(s3_env, uploaded, monkeyp
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    # One retry, not the default ten (~25 s of retries, tests/test_faults.py): only the
+    # message is checked here.
+    monkeypatch.setenv("WSDAN_S3_RETRIES", "1")
     t0 = time.monotonic()
     with pytest.raises(DataSourceError) as e:
         read_manifest(uploaded["clean"])

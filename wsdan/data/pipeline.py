@@ -55,12 +55,13 @@ Design decisions, measured on the two-core development machine (jobs/bench_inges
   actor (:class:`SkipLog`), which keeps the distinct image ids per (source, split):
   :func:`skipped_images` gives the count a training job logs as ``skipped_images``. The
   actor is only called when an image fails, so healthy data costs nothing.
-- *Transient S3 errors* (throttling, 5xx, connection resets) are retried, per row group by
-  `ShardDatasource` and per file by Ray Data for class folders: the
-  messages in :data:`TRANSIENT_S3_ERRORS` are added to ``retried_io_errors`` of the
-  DataContext the dataset is created with (a private copy of the current one: a dataset
-  keeps its creation context, so the caller's global context is not modified).
-  A wrong endpoint, bucket or credentials is caught before any Ray work starts:
+- *Transient S3 errors* (the server down or restarting, dropped connections, time-outs,
+  5xx, throttling) are retried by the AWS SDK under pyarrow, request by request, with the
+  project's one retry policy (``wsdan.storage``: exponential backoff, ~25 s without an
+  answer ridden out by default). The file system that the read tasks receive is a
+  ``wsdan.storage.RetryingS3FileSystem``, which keeps that policy when Ray pickles it to
+  the workers (a plain pyarrow S3FileSystem would lose it there). No error text is
+  matched. A wrong endpoint, bucket or credentials is caught before any Ray work starts:
   :func:`read_manifest` reads ``dataset.json`` first and raises :class:`DataSourceError`
   naming the URI, endpoint and bucket, never a credential.
 
@@ -76,12 +77,10 @@ import contextlib
 import dataclasses
 import functools
 import posixpath
-import random
-import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -114,7 +113,6 @@ __all__ = [
     "DECODE_BATCH_SIZE",
     "FORMAT_VERSION",
     "IMAGE_EXTENSIONS",
-    "TRANSIENT_S3_ERRORS",
     "DataSourceError",
     "EpochClock",
     "EpochShuffle",
@@ -137,26 +135,6 @@ SKIP_LOG_NAME = "wsdan-skipped-images"
 EPOCH_CLOCK_NAME = "wsdan-epoch-clock"
 EPOCH_KEY_CONFIG = "wsdan.epoch_key"  # DataContext config: the dataset's key in the clock
 MAX_READ_TASKS = 2000  # row groups per read task grow beyond this (Ray warns at 5000 tasks)
-
-# Substrings of pyarrow/AWS SDK error messages worth retrying. Ray's defaults cover
-# INTERNAL_FAILURE, NETWORK_CONNECTION, SLOW_DOWN, SERVICE_UNAVAILABLE and HTTP 503; S3
-# servers also answer 500/502/504 under load, and a dropped or timed-out connection shows
-# up as a curl error.
-TRANSIENT_S3_ERRORS = (
-    "AWS Error SLOW_DOWN",
-    "AWS Error INTERNAL_FAILURE",
-    "AWS Error NETWORK_CONNECTION",
-    "AWS Error SERVICE_UNAVAILABLE",
-    "AWS Error UNKNOWN (HTTP status 500)",
-    "AWS Error UNKNOWN (HTTP status 502)",
-    "AWS Error UNKNOWN (HTTP status 503)",
-    "AWS Error UNKNOWN (HTTP status 504)",
-    "AWS Error REQUEST_TIME_TOO_SKEWED",
-    "RequestTimeout",
-    "Connection reset by peer",
-    "curlCode: 28",  # operation timed out
-    "curlCode: 56",  # failure receiving network data
-)
 
 _SHARD_COLUMNS = ["image", "label", "image_id", "bbox", "part_bbox"]
 
@@ -323,21 +301,6 @@ def _row_groups(fs: pafs.FileSystem, paths: list[str], manifest: dict[str, Any],
             for i, rows in enumerate(groups) if rows > 0]
 
 
-def _with_retries(fn: Callable[[], Any], retried: tuple[str, ...], attempts: int = 8) -> Any:
-    """``fn()``, again after a backoff (0.5 s doubling to 16 s, jittered) when it raises an
-    OSError whose message contains one of ``retried``."""
-    delay = 0.5
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except OSError as e:
-            if attempt + 1 == attempts or not any(m in str(e) for m in retried):
-                raise
-            time.sleep(delay * (1 + random.random()))
-            delay = min(2 * delay, 16.0)
-    raise AssertionError("unreachable")
-
-
 def _read_row_group(fs: pafs.FileSystem, unit: RowGroup, columns: list[str]) -> pa.Table:
     with fs.open_input_file(unit.path) as f:
         pf = pq.ParquetFile(f, pre_buffer=True)  # one ranged request for the columns
@@ -345,10 +308,12 @@ def _read_row_group(fs: pafs.FileSystem, unit: RowGroup, columns: list[str]) -> 
         return pf.read_row_group(unit.index, columns=[c for c in columns if c in names])
 
 
-def _read_units(fs: pafs.FileSystem, units: list[RowGroup], columns: list[str],
-                retried: tuple[str, ...]) -> Iterator[pa.Table]:
+def _read_units(fs: pafs.FileSystem, units: list[RowGroup],
+                columns: list[str]) -> Iterator[pa.Table]:
+    # fs is a wsdan.storage.RetryingS3FileSystem (or a local one): each request is retried
+    # by the SDK with the project's policy, here on the worker too.
     for unit in units:
-        yield _with_retries(functools.partial(_read_row_group, fs, unit, columns), retried)
+        yield _read_row_group(fs, unit, columns)
 
 
 class ShardDatasource(Datasource):
@@ -383,8 +348,6 @@ class ShardDatasource(Datasource):
                        data_context: DataContext | None = None) -> list[ReadTask]:
         order = self.order(data_context)
         n_tasks = min(len(order), parallelism if parallelism > 0 else MAX_READ_TASKS)
-        retried = tuple(data_context.retried_io_errors if data_context is not None
-                        else TRANSIENT_S3_ERRORS)
         tasks = []
         for group in np.array_split(np.asarray(order, dtype=np.int64), max(n_tasks, 1)):
             units = [self._units[i] for i in group.tolist()]
@@ -392,18 +355,12 @@ class ShardDatasource(Datasource):
                 continue
             meta = BlockMetadata(num_rows=sum(u.rows for u in units), size_bytes=None,
                                  input_files=sorted({u.path for u in units}), exec_stats=None)
-            read = functools.partial(_read_units, self._fs, units, self._columns, retried)
+            read = functools.partial(_read_units, self._fs, units, self._columns)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
 # -- decode step (runs in Ray tasks) -------------------------------------------------------
-
-
-def _retry_transient_errors(ctx: DataContext) -> None:
-    for msg in TRANSIENT_S3_ERRORS:
-        if msg not in ctx.retried_io_errors:
-            ctx.retried_io_errors.append(msg)
 
 
 @contextlib.contextmanager
@@ -430,7 +387,6 @@ def _read_context(size: int, seed: int | None) -> Iterator[tuple[DataContext, Ep
     ctx.use_datasource_v2 = False
     ctx.target_max_block_size = max(DECODE_BATCH_SIZE * 3 * size * size, 1 << 20)
     ctx.execution_options.preserve_order = True
-    _retry_transient_errors(ctx)
     order = None
     if seed is not None:
         order = EpochShuffle(seed=int(seed), key=uuid.uuid4().hex)

@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from wsdan.services._process import ManagedProcess, ManagedProcessError
-from wsdan.services.s3_access import REGION, SecretEnv
+from wsdan.services.s3_access import REGION, SecretEnv, boto_retry_env
 
 # Variables the server must not inherit from the caller: they would point its S3 client
 # elsewhere than artifacts_destination's endpoint, or at the caller's tracking server.
@@ -151,6 +151,8 @@ class MlflowServerConfig:
             env["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_key
         if self.destination.startswith("s3://"):
             env.setdefault("AWS_DEFAULT_REGION", self.s3_region)
+            for name, value in boto_retry_env().items():  # the project's one S3 retry policy
+                env.setdefault(name, value)
         return env
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "CREDENTIAL_ENV_PAIRS",
     "REGION",
     "S3ServerError",
+    "boto_retries",
+    "boto_retry_env",
     "SecretEnv",
     "check_bucket_name",
     "credentials_from_env",
@@ -113,14 +115,15 @@ def check_bucket_name(name: str) -> None:
 
 def s3_client(endpoint: str, access_key: str, secret_key: str,
               config: Config | None = None) -> Any:
-    """A boto3 S3 client for ``endpoint``: these credentials, path-style addressing, us-east-1.
+    """A boto3 S3 client for ``endpoint``: these credentials, path-style addressing, us-east-1,
+    and the project's retry policy (:func:`boto_retries`).
 
     ``config`` (a botocore Config) is merged over those defaults, e.g. for timeouts.
     """
     base = Config(
         s3={"addressing_style": "path"},
         signature_version="s3v4",
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries=boto_retries(),
     )
     return boto3.client(
         "s3",
@@ -130,6 +133,28 @@ def s3_client(endpoint: str, access_key: str, secret_key: str,
         region_name=REGION,
         config=base if config is None else base.merge(config),
     )
+
+
+def boto_retries() -> dict[str, Any]:
+    """botocore's ``retries`` setting for every boto3 client of the project: the standard
+    mode (it retries connection errors, time-outs, 5xx and throttling, never other 4xx) with
+    as many attempts as pyarrow's S3 file systems make: the first and
+    ``wsdan.storage.s3_retries()`` retries (the one place the policy is set). Its backoff
+    is random (0-1 s * 2^k, capped at 20 s), about a minute in all on average at 10
+    retries."""
+    from wsdan.storage import s3_retries
+
+    # botocore's Config counts retries in "max_attempts" and every request in
+    # "total_max_attempts" (as AWS_MAX_ATTEMPTS does): the latter, to say it once.
+    return {"mode": "standard", "total_max_attempts": s3_retries() + 1}
+
+
+def boto_retry_env() -> dict[str, str]:
+    """The same policy as environment variables, for boto3 in processes we start (the
+    MLflow server's artifact proxy)."""
+    retries = boto_retries()
+    return {"AWS_RETRY_MODE": retries["mode"],
+            "AWS_MAX_ATTEMPTS": str(retries["total_max_attempts"])}
 
 
 def ensure_bucket(client: Any, name: str) -> None:
