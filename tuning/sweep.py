@@ -126,6 +126,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # The sweep state is small: write it often (and upload it every --sync-period).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(min(5.0, args.sync_period)))
     tracking_uri = resolve_tracking_uri()
+    from wsdan.launcher import check_tracking_server
+
+    check_tracking_server(tracking_uri)  # one clear line, not MLflow's ~4 min of retries
     experiment_id = setup_experiment(args.experiment, tracking_uri=tracking_uri)
     connect(quiet=not args.verbose)
     if not args.verbose:

@@ -106,20 +106,79 @@ class JobResult:
                 **{k: self.metrics[k] for k in self.metrics if k.startswith("val_")}}
 
 
-def preflight(cfg: TrainConfig, spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Every check that needs no cluster: the config against the job spec, the data set's
-    manifest against the config, and a resumed job's identity. Returns the manifest and the
-    resumed job's record (None for a new job). Raises :class:`ConfigError` naming the key."""
+def preflight(cfg: TrainConfig, spec: JobSpec, *,
+              tracking_uri: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every check that needs no cluster: the config against the job spec, the tracking
+    server (:func:`check_tracking_server`: ``tracking_uri``, default MLFLOW_TRACKING_URI),
+    the data set's manifest against the config, and a resumed job's identity. Returns the
+    manifest and the resumed job's record (None for a new job). Raises
+    :class:`ConfigError` naming the key or the server."""
     if cfg.model.sync_batchnorm and not spec.use_gpu:
         raise ConfigError("model.sync_batchnorm: needs --use-gpu (torch's SyncBatchNorm has "
                           "no CPU path)")
     if not cfg.data.source:
         raise ConfigError("data.source: give the prepared data set (local path or s3:// URI)")
+    check_tracking_server(tracking_uri)
     from wsdan.data.pipeline import read_manifest
 
     manifest = read_manifest(cfg.data.source)
     check_data(cfg, manifest)
     return manifest, check_resume(cfg, spec)
+
+
+def check_tracking_server(tracking_uri: str | None = None, *, timeout_s: float = 10.0) -> None:
+    """An MLflow tracking server named by ``tracking_uri`` (default ``MLFLOW_TRACKING_URI``)
+    must answer before the job starts: otherwise a :class:`ConfigError` (one line, exit code
+    2 from the command line) naming it, instead of MLflow's own retries (~4 min) and a
+    traceback after them. Any HTTP answer below 500 counts (a server behind
+    authentication answers 401); no answer within ``timeout_s`` or a 5xx does not. Other
+    URIs (a local sqlite or file store, Databricks) are not checked here.
+
+    Later outages are not fatal: rank 0 buffers what it logs while the server is away
+    (``wsdan.raytrain._RankZeroLogger``)."""
+    uri = (os.environ.get("MLFLOW_TRACKING_URI", "") if tracking_uri is None
+           else tracking_uri).strip()
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import requests
+
+    from wsdan.tracking.runs import redact
+
+    try:
+        # /health is the tracking server's own liveness endpoint (it answers "OK").
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s,
+                              allow_redirects=False)
+    except requests.Timeout:
+        reason = f"no answer within {timeout_s:g} s"
+    except requests.RequestException as e:
+        reason = _root_reason(e)
+    else:
+        if answer.status_code < 500:
+            return
+        reason = f"it answers HTTP {answer.status_code}"
+    raise ConfigError(
+        f"MLFLOW_TRACKING_URI={redact('tracking_uri', uri)}: no MLflow tracking server answers "
+        f"there ({reason}). Start it (locally: `wsdan stack up`), point MLFLOW_TRACKING_URI "
+        "at a running server, or unset it to track in .wsdan/mlflow.db")
+
+
+def _root_reason(error: BaseException) -> str:
+    """The innermost OS error under a requests/urllib3 exception ("Connection refused"),
+    else the exception's type: the whole chain is several lines of pool internals."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    reason = type(error).__name__
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    return reason
 
 
 def check_cluster(spec: JobSpec, *, concurrent_jobs: int = 1, cfg: TrainConfig | None = None,
