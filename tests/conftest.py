@@ -24,6 +24,9 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # The tests start their own clusters: never attach to one named by the caller's shell (for
 # example after `eval "$(wsdan stack env)"`).
 os.environ.pop("RAY_ADDRESS", None)
+# Nor log to a tracking server named there: tests that track use their own (mlflow_env).
+for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_DASHBOARD_URL"):
+    os.environ.pop(_name, None)
 
 # -- object store (SeaweedFS S3) -------------------------------------------------------------
 

@@ -475,7 +475,7 @@ def best_checkpoint(result) -> Any:
 
 def model_from_checkpoint(checkpoint) -> tuple[WSDAN, dict[str, Any]]:
     """Rebuild the WS-DAN model (random backbone init, then the checkpoint, strictly)."""
-    from wsdan.raytrain import load_checkpoint
+    from wsdan.raytrain import load_checkpoint, load_model_state
 
     with checkpoint.as_directory() as d:
         state = load_checkpoint(d)
@@ -483,7 +483,7 @@ def model_from_checkpoint(checkpoint) -> tuple[WSDAN, dict[str, Any]]:
     m = cfg.model
     model = build_model(m.backbone, num_classes=m.num_classes, num_attentions=m.num_attentions,
                         logit_scale=m.logit_scale, sqrt_grad_eps=m.sqrt_grad_eps)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, checkpoint.path)
     model.eval()
     return model, state
 

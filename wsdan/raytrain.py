@@ -89,7 +89,44 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    """The state a checkpoint folder holds, read with ``torch.load(weights_only=True)``: a
+    file holding other objects than tensors and plain containers (a pickle that could run
+    code) is refused with a :class:`~wsdan.weights.WeightsError` naming the file."""
+    from wsdan.weights import WeightsError
+
+    file = Path(path) / CHECKPOINT_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError (foreign objects), RuntimeError (corrupt file)
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise WeightsError(f"checkpoint {file}: refused by torch.load(weights_only=True), "
+                           f"which reads only tensors and plain containers: {first}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise WeightsError(f"checkpoint {file}: not a wsdan checkpoint (no 'model' state dict)")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """``model.load_state_dict(state["model"])``, strictly; a checkpoint of another shape
+    (other classes, attention maps or backbone) is a :class:`~wsdan.weights.WeightsError`
+    naming the parameters that differ."""
+    from wsdan.weights import WeightsError
+
+    own = model.state_dict()
+    theirs = state["model"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {tuple(theirs[k].shape)} (the model has {tuple(v.shape)})"
+              for k, v in own.items() if k in theirs and hasattr(theirs[k], "shape")
+              and tuple(theirs[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"shapes differ: {', '.join(shapes[:3])}"] if shapes else []) + (
+            [f"missing: {', '.join(missing[:3])}"] if missing else []) + (
+            [f"not in the model: {', '.join(unexpected[:3])}"] if unexpected else [])
+        raise WeightsError(f"checkpoint {source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(theirs)
 
 
 def _batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
@@ -135,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(d)
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, ckpt.path)
         optimizer.load_state_dict(state["optimizer"])
         accel.load_state_dict(state.get("accel"))
         start_epoch = int(state["epoch"])
