@@ -3,8 +3,9 @@
 A separate ``python -m jobs.train`` process runs a 2-epoch job on the session cluster; once
 Ray Train has taken in a checkpoint (its snapshot beside the checkpoints lists one), the
 driver is SIGKILLed. The job's controller and workers (non-detached actors of that driver)
-must go and give their CPUs back; rerunning the same command resumes from that checkpoint,
-trains only the epochs after it and continues the same MLflow run, every epoch logged once.
+must go and give their CPUs back; rerunning the command (with one epoch more: a job is
+extended by rerunning it) resumes from that checkpoint, trains only the epochs after it and
+continues the same MLflow run, every epoch logged once.
 (A killed training worker is tests/test_train_job.py::test_killed_worker_restarts_from_checkpoint.)
 """
 
@@ -31,11 +32,11 @@ EPOCHS = 2
 WORKERS = 1  # the driver, not the workers, is what dies here: one keeps the test short
 
 
-def _argv(data: str, summary: str) -> list[str]:
+def _argv(data: str, summary: str, epochs: int = EPOCHS) -> list[str]:
     return [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/synthetic_cpu.yaml",
             "--name", NAME, "--storage-path", f"s3://{BUCKET}/runs", "--num-workers", str(WORKERS),
             "--experiment", "wsdan-tests", "--summary-json", summary, *TINY,
-            f"data.source={data}", f"optim.epochs={EPOCHS}"]
+            f"data.source={data}", f"optim.epochs={epochs}"]
 
 
 def _snapshot_epoch(s3_server) -> int:
@@ -103,19 +104,23 @@ def test_killed_driver_rerun_resumes_without_redoing_an_epoch(
     resume_at = _snapshot_epoch(s3_server)  # what Ray Train had taken in when it died
     assert resume_at == 1, resume_at
 
+    # The rerun also asks for one epoch more than the killed run (a job is extended by
+    # rerunning it with more epochs): it continues the epoch count.
+    total = EPOCHS + 1
     summary_path = tmp_path / "rerun.json"
-    rerun = subprocess.run(_argv(data, str(summary_path)), env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=900)
+    rerun = subprocess.run(_argv(data, str(summary_path), total), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=900)
     out = rerun.stdout
     assert rerun.returncode == 0, out[-3000:]
     summary = json.loads(summary_path.read_text())
-    assert summary["epochs"] == EPOCHS and summary["resumed_from_epoch"] == 1, summary
+    assert summary["epochs"] == total and summary["resumed_from_epoch"] == 1, summary
     lines = out.splitlines()
-    assert "[wsdan] resuming from the checkpoint of epoch 1: 1 more epoch(s) to train" in lines, \
+    assert "[wsdan] resuming from the checkpoint of epoch 1: 2 more epoch(s) to train" in lines, \
         out[-3000:]
-    # The rerun trains only the epoch after the checkpoint, once.
-    for k, times in ((1, 0), (2, 1)):
-        assert sum(ln.startswith(f"[wsdan] epoch {k}/{EPOCHS}") for ln in lines) == times, \
+    # The rerun trains only the epochs after the checkpoint, each once.
+    for k, times in ((1, 0), (2, 1), (3, 1)):
+        assert sum(ln.startswith(f"[wsdan] epoch {k}/{total}") for ln in lines) == times, \
             out[-3000:]
 
     from mlflow import MlflowClient
@@ -130,7 +135,7 @@ def test_killed_driver_rerun_resumes_without_redoing_an_epoch(
     assert run.data.tags["wsdan.resumed"] == "true"
     for key in ("loss", "val_fused_top1", "epoch"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == \
-            [1, 2], key
+            [1, 2, 3], key
     # The rerun's rank 0 restored the centres of epoch 1's checkpoint.
     assert [m.step for m in client.get_metric_history(run.info.run_id,
                                                       "resumed_center_norm")] == [1]

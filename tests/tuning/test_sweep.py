@@ -293,18 +293,25 @@ def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, 
 
 def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime_env,
                                              s3_server, tmp_path):
-    """The same sweep as a `ray job submit` job on a `ray start --head` cluster on loopback
-    (its own temp dir and ports): the job SUCCEEDS and the sweep's summary is in its logs.
-    The node knows nothing of S3 or MLflow: the job's runtime_env brings the endpoint, a
-    reference to the keys and the tracking URI; no key appears in the logs."""
+    """A sweep as a `ray job submit` job on a `ray start --head` cluster on loopback (its
+    own temp dir and ports): the job SUCCEEDS and the sweep's summary is in its logs. The
+    node knows nothing of S3 or MLflow: the job's runtime_env brings the endpoint, a
+    reference to the keys and the tracking URI; no key appears anywhere the job left
+    something. One of its two trials fails (its weights file does not exist): that trial is
+    FAILED, with the error, in the table and in its child run, and the sweep goes on."""
     import re
+
+    import pandas as pd
 
     from wsdan.services.ray_head import ray_env
 
-    # Small: what is tested here is the submission (runtime_env, logs, no secrets), the
-    # sweep itself is tested above. Two one-epoch trials.
-    path = _sweep_file(tmp_path, colours, trials=2,
-                       overrides={**TINY, "data.source": colours, "optim.epochs": 1})
+    # Small: what is tested here is the submission (runtime_env, logs, no secrets) and a
+    # failing trial; the search itself is tested above. Two one-epoch trials: seeded TPE
+    # (seed 0) draws the missing weights file first, then no weights.
+    missing = f"s3://{BUCKET}/no-such-weights.pt"
+    path = _sweep_file(tmp_path, colours, trials=2, seed=0,
+                       overrides={**TINY, "data.source": colours, "optim.epochs": 1},
+                       space={"model.weights": {"choice": [None, missing]}})
     ray_bin = str(Path(sys.executable).with_name("ray"))
     address = ["--address", ray_head_node.config.dashboard_url]
     # The job names its cluster: the test session runs a second Ray on this machine, and
@@ -314,7 +321,8 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
     submit = [ray_bin, "job", "submit", *address, "--working-dir", ".", "--no-wait",
               "--runtime-env-json", json.dumps(env_vars), "--",
               "python", "-m", "tuning.sweep", "--config", str(path), "--name",
-              "sweep-submitted", "--storage-path", f"s3://{BUCKET}/sweeps"]
+              "sweep-submitted", "--storage-path", f"s3://{BUCKET}/sweeps", "--max-failures",
+              "0"]
     done = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     job_id = re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
@@ -326,8 +334,10 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
     status = JobSubmissionClient(ray_head_node.config.dashboard_url).get_job_status(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"sweep"')][-1])
-    assert summary["trials"] == 2 and summary["trials_failed"] == 0
+    assert summary["trials"] == 2 and summary["trials_failed"] == 1
+    assert sorted(summary["statuses"].values()) == ["FAILED", "FINISHED"]
     assert "| trial_id |" in logs  # the results table is printed for the user
+    assert any(ln.startswith("[wsdan] trial ") and " failed: " in ln for ln in logs.splitlines())
     # No secret anywhere the job left something: its output, the job's runtime_env as the
     # cluster holds it, the head's folder (Ray's session logs), every param, tag and
     # artifact of the sweep's runs, the data set's objects (tests/secret_scan.py).
@@ -347,32 +357,16 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
                             dirs=[ray_head_node.config.temp_dir], datasets=[colours])
     assert scan["found"] == [], scan
     assert len(runs) == 3 and min(scan["checked"].values()) > 0, scan["checked"]
-
-
-def test_a_failing_trial_is_reported_and_the_sweep_goes_on(colours, ray_cluster, s3_env,
-                                                           mlflow_env, tmp_path):
-    """One trial's weights file does not exist (its workers fail to load it): that trial is
-    FAILED, with the error, in the table and in its child run; the other one finishes."""
+    # The failed trial, in its child run and in the results table.
     import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
 
-    missing = f"s3://{BUCKET}/no-such-weights.pt"
-    # Seeded TPE (seed 0) draws the missing file first, then no weights.
-    path = _sweep_file(tmp_path, colours, trials=2, seed=0,
-                       overrides={**TINY, "data.source": colours, "optim.epochs": 1},
-                       space={"model.weights": {"choice": [None, missing]}},
-                       resources={"num_workers": 1, "data_cpus": 1, "max_concurrent": 1})
-    out = sweep_job.main(_args("--config", str(path), "--name", "sweep-fail", "--max-failures",
-                               "0", "--storage-path", str(tmp_path / "sweeps")))
-    assert sorted(out["statuses"].values()) == ["FAILED", "FINISHED"]
-    assert out["trials_failed"] == 1 and out["best_val_fused_top1"] >= 0
-    client = MlflowClient()
-    children = _children(client, out["parent_run_id"])
-    failed = [c for c in children if c.info.status == "FAILED"]
+    client = MlflowClient(uri)
+    failed = [c for c in _children(client, summary["parent_run_id"])
+              if c.info.status == "FAILED"]
     assert len(failed) == 1 and "no-such-weights.pt" in failed[0].data.tags["wsdan.error"]
     assert failed[0].data.params["model.weights"] == missing
     table = pd.read_csv(mlflow.artifacts.download_artifacts(
-        run_id=out["parent_run_id"], artifact_path="results.csv"))
+        run_id=summary["parent_run_id"], artifact_path="results.csv", tracking_uri=uri,
+        dst_path=str(tmp_path / "results")))
     row = table[table["status"] == "FAILED"].iloc[0]
     assert "no-such-weights.pt" in row["error"] and row["epochs"] == 0
