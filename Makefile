@@ -53,8 +53,9 @@ test: $(STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q --timeout=900 --durations=15 -m "not multinode and not faults"
 	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode
 
-# A job through real outages (S3 killed for 10 s, MLflow stopped): minutes on 2 cores, so
-# not part of make test (CI's 30 minutes).
+# Jobs through real faults (S3 killed for 10 s and MLflow stopped during a job; a job's and
+# a sweep's driver killed, then rerun): minutes each on 2 cores, so not part of make test
+# (CI's 30 minutes). A killed training worker is part of make test.
 test-faults: $(STAMP)
 	$(PY) -m pytest -q --timeout=1200 -m faults
 

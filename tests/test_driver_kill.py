@@ -79,6 +79,7 @@ def _wait_clean(address: str, baseline: list[str], timeout_s: float) -> list[str
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_driver_rerun_resumes_without_redoing_an_epoch(
         ray_cluster, s3_server, s3_env, mlflow_env, tmp_path):
     data = prepare_tiny_synthetic(s3_server, tmp_path / "src", BUCKET, n_train=24, n_val=6)

@@ -232,6 +232,7 @@ def _terminated_trials(state: dict) -> set[str]:
     return done
 
 
+@pytest.mark.faults
 def test_resume_after_the_driver_dies(colours, ray_cluster, s3_env, mlflow_env, s3_server,
                                       tmp_path):
     """The sweep driver is SIGKILLed once the first trial has finished; --resume finishes
