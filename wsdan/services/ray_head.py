@@ -286,10 +286,17 @@ class RayWorker:
             if value is not None:
                 cmd.append(f"--{flag}={value}")
         log = c.temp_dir / "ray-start.log"
-        with open(log, "ab") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env=ray_env(c.head.auth_mode, environ,
-                                              multi_node=c.head.multi_node))
+        for attempt in (1, 2):
+            with open(log, "ab") as out:
+                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                      env=ray_env(c.head.auth_mode, environ,
+                                                  multi_node=c.head.multi_node))
+            # On a loaded machine a node's start can miss Ray's own startup deadline ("timed
+            # out during startup", the GCS did not answer in time): clean up, try once more.
+            if proc.returncode == 0 or attempt == 2 or "timed out during startup" not in \
+                    log.read_text()[-4000:]:
+                break
+            self.stop()
         if proc.returncode != 0:
             raise RayHeadError(f"ray start (worker {c.name}) failed (exit {proc.returncode}); "
                                f"see {log}:\n" + log.read_text()[-2000:])
