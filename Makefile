@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_START := $(shell date +%s)
 
-.PHONY: demo demo-local stack-down tools test test-faults test-multinode test-fast lint bench-step bench-learning clean-demo
+.PHONY: demo demo-local stack-down tools test test-faults test-learning test-multinode test-fast lint bench-step bench-learning clean-demo
 
 # --no-compile: pip would byte-compile every file of torch, ray and mlflow (~55 s of a ~2 min
 # install on 2 cores); Python compiles what is imported, once, on first use.
@@ -50,14 +50,17 @@ stack-down: $(STAMP)
 # second session inside a private network namespace (only loopback), where several Ray
 # nodes can join one cluster without binding the machine's interfaces.
 test: $(STAMP) $(TOOLS_STAMP)
-	$(PY) -m pytest -q --timeout=900 --durations=15 -m "not multinode and not faults"
+	$(PY) -m pytest -q --timeout=900 --durations=15 -m "not multinode and not faults and not learning"
 	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode
 
-# Jobs through real faults (S3 killed for 10 s and MLflow stopped during a job; a job's and
-# a sweep's driver killed, then rerun): minutes each on 2 cores, so not part of make test
-# (CI's 30 minutes). A killed training worker is part of make test.
+# Jobs through real faults (S3 killed for 10 s and MLflow stopped during a job; a training
+# worker killed; a job's and a sweep's driver killed, then rerun), and the learning check:
+# minutes each on 2 cores, so not part of make test (CI's 30 minutes).
 test-faults: $(STAMP)
 	$(PY) -m pytest -q --timeout=1200 -m faults
+
+test-learning: $(STAMP)
+	$(PY) -m pytest -q --timeout=1200 -m learning
 
 test-multinode: $(STAMP)
 	PYTHON=$(PY) tests/multinode/netns.sh $(PY) -m pytest -q --timeout=900 -m multinode tests/multinode

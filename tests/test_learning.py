@@ -11,7 +11,7 @@ from wsdan.data.synthetic import SyntheticSpec
 from wsdan.engine import evaluate
 from wsdan.local import fit_wsdan, load_synthetic
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,7 @@ def _job_argv(name: str, data: str, *extra: str) -> list[str]:
             "--experiment", "wsdan-tests", *TINY, f"data.source={data}", *extra]
 
 
+@pytest.mark.faults
 def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, mlflow_env,
                                                 s3_server, tmp_path):
     """A separate driver process runs a 3-epoch job on the session cluster; once the first
