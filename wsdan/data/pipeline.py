@@ -105,6 +105,8 @@ from wsdan.data.manifest import (
     _where,
     read_manifest,
 )
+from wsdan.data.reader import COLUMNS as SHARD_COLUMNS
+from wsdan.data.reader import read_row_group
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +138,6 @@ EPOCH_CLOCK_NAME = "wsdan-epoch-clock"
 EPOCH_KEY_CONFIG = "wsdan.epoch_key"  # DataContext config: the dataset's key in the clock
 MAX_READ_TASKS = 2000  # row groups per read task grow beyond this (Ray warns at 5000 tasks)
 
-_SHARD_COLUMNS = ["image", "label", "image_id", "bbox", "part_bbox"]
 
 
 # -- corrupt-image accounting --------------------------------------------------------------
@@ -301,19 +302,12 @@ def _row_groups(fs: pafs.FileSystem, paths: list[str], manifest: dict[str, Any],
             for i, rows in enumerate(groups) if rows > 0]
 
 
-def _read_row_group(fs: pafs.FileSystem, unit: RowGroup, columns: list[str]) -> pa.Table:
-    with fs.open_input_file(unit.path) as f:
-        pf = pq.ParquetFile(f, pre_buffer=True)  # one ranged request for the columns
-        names = set(pf.schema_arrow.names)
-        return pf.read_row_group(unit.index, columns=[c for c in columns if c in names])
-
-
 def _read_units(fs: pafs.FileSystem, units: list[RowGroup],
                 columns: list[str]) -> Iterator[pa.Table]:
     # fs is a wsdan.storage.RetryingS3FileSystem (or a local one): each request is retried
     # by the SDK with the project's policy, here on the worker too.
     for unit in units:
-        yield _read_row_group(fs, unit, columns)
+        yield read_row_group(fs, unit.path, unit.index, columns)
 
 
 class ShardDatasource(Datasource):
@@ -443,7 +437,7 @@ def build_dataset(
         raise DataSourceError(f"split {split!r} of {_where(root_uri)} has no shards")
     with _read_context(cfg.resize_size, seed if shuffle else None) as (_, order):
         ds = ray.data.read_datasource(
-            ShardDatasource(fs, units, _SHARD_COLUMNS, order),  # only these columns are read
+            ShardDatasource(fs, units, SHARD_COLUMNS, order),  # only these columns are read
             concurrency=concurrency,
             # One task per row group: Ray then neither groups nor splits the reads (a split
             # read is not fused with the decode, and the encoded bytes would make a round

@@ -27,9 +27,18 @@ import pyarrow.parquet as pq
 from wsdan.data.decode import decode_batch
 from wsdan.data.manifest import DataSourceError, _shard_paths, _where, read_manifest
 
-__all__ = ["SplitReader"]
+__all__ = ["SplitReader", "read_row_group"]
 
-COLUMNS = ["image", "label", "image_id", "bbox", "part_bbox"]
+COLUMNS = ["image", "label", "image_id", "bbox", "part_bbox"]  # what is read of a shard
+
+
+def read_row_group(fs: Any, path: str, index: int, columns: list[str]) -> pa.Table:
+    """Row group ``index`` of the shard at ``path``: the ``columns`` it has, in one ranged
+    request (also the Ray Data pipeline's read step)."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)
+        names = set(pf.schema_arrow.names)
+        return pf.read_row_group(index, columns=[c for c in columns if c in names])
 
 
 class SplitReader:
@@ -69,10 +78,7 @@ class SplitReader:
 
     def _decode(self, path: str, index: int) -> Any:
         try:
-            with self.fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f, pre_buffer=True)
-                names = set(pf.schema_arrow.names)
-                table = pf.read_row_group(index, columns=[c for c in COLUMNS if c in names])
+            table = read_row_group(self.fs, path, index, COLUMNS)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise DataSourceError(f"cannot read row group {index} of {path} in "
                                   f"{_where(self.root_uri)}: {e}") from None
