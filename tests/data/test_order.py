@@ -157,7 +157,8 @@ def test_read_tasks_are_row_groups_each_row_once(prepared) -> None:
     (and fewer when asked), and the tasks together return every row exactly once."""
     import pyarrow.fs as pafs
 
-    from wsdan.data.pipeline import _SHARD_COLUMNS, ShardDatasource, _row_groups
+    from wsdan.data.pipeline import ShardDatasource, _row_groups
+    from wsdan.data.reader import COLUMNS as _SHARD_COLUMNS
 
     dest, manifest = prepared
     paths = [str(dest / rel) for rel in manifest["shards"]["train"]]
