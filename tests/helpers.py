@@ -20,6 +20,15 @@ def aws_environ(s3_server) -> Iterator[None]:
         os.environ.update(saved)
 
 
+# Overrides for a training job small enough for two cores: K=3, 40 px, batch 8.
+TINY = [
+    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
+    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
+    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
+    "data.resize_size=48",
+]
+
+
 def prepare_tiny_synthetic(s3_server, src: Path, bucket: str, *, n_train: int,
                            n_val: int) -> str:
     """A tiny generated data set (K=3, 64 px) prepared into ``s3://bucket/data``."""

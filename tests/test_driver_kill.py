@@ -20,8 +20,7 @@ import time
 
 import pytest
 
-from tests.helpers import prepare_tiny_synthetic
-from tests.test_train_job import TINY
+from tests.helpers import TINY, prepare_tiny_synthetic
 
 BUCKET = "wsdan-driver-kill"
 NAME = "job-driver-kill"

@@ -4,7 +4,7 @@
   connection) and what it does not (4xx), counted against a loopback HTTP endpoint; the
   policy travels with the file system when Ray pickles it; boto3 gets the same attempts.
 - MLflow down at the start of a job: one clear line and exit code 2, before any work.
-- Rank 0's MLflow logger (``wsdan.raytrain._RankZeroLogger``): it never waits for the
+- Rank 0's MLflow logger (``wsdan.tracking.sender.RankZeroLogger``): it never waits for the
   server, keeps what the server has not taken (also in the checkpoint), delivers it in
   order, repeats nothing on resume, and drops only what the server refuses for good.
 - One real job on the session's S3 server, MLflow server and Ray: S3 killed for ~10 s
@@ -29,16 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import prepare_tiny_synthetic
+from tests.helpers import TINY, prepare_tiny_synthetic
 
 BUCKET = "wsdan-faults"
 SECRET = "faults-secret-never-pickled-0123456789"
-TINY = [
-    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
-    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
-    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
-    "data.resize_size=48",
-]
 N_TRAIN, N_VAL = 48, 18  # 48 = 3 steps of 2 workers x 8: every train image is used
 
 
@@ -158,9 +152,9 @@ def test_mlflow_down_at_start_is_one_clear_line_before_any_work(monkeypatch, tmp
 @pytest.fixture
 def worker_mlflow_env(monkeypatch):
     """The MLflow client settings the logger gives rank 0's process (restored afterwards)."""
-    from wsdan.raytrain import _MLFLOW_WORKER_ENV
+    from wsdan.tracking.sender import MLFLOW_WORKER_ENV
 
-    for name, value in _MLFLOW_WORKER_ENV.items():
+    for name, value in MLFLOW_WORKER_ENV.items():
         monkeypatch.setenv(name, value)
 
 
@@ -168,10 +162,10 @@ def test_logger_keeps_what_a_down_server_did_not_take(worker_mlflow_env, capsys)
     """Nothing answers at the tracking URI: every call returns (training goes on), the
     epochs stay listed for the checkpoint in order, the sender keeps trying, and the end
     of training says which epochs were not delivered and where they are kept."""
-    from wsdan.raytrain import _RankZeroLogger
+    from wsdan.tracking.sender import RankZeroLogger
 
     uri = f"http://127.0.0.1:{_closed_port()}"
-    logger = _RankZeroLogger({"tracking_uri": uri, "run_id": "0123abcd"})
+    logger = RankZeroLogger({"tracking_uri": uri, "run_id": "0123abcd"})
     for epoch in (1, 2, 3):
         logger.log_epoch({"loss": 1.0 / epoch, "epoch": epoch, "not_a_number": float("nan"),
                           "label": "skipped"}, epoch)
@@ -210,7 +204,7 @@ def test_what_the_logger_retries():
         TEMPORARILY_UNAVAILABLE,
     )
 
-    from wsdan.raytrain import _permanent
+    from wsdan.tracking.sender import is_permanent
 
     transient = [requests.ConnectionError("refused"), requests.Timeout("slow"), _http_error(503),
                  _http_error(429), MlflowException("x", error_code=INTERNAL_ERROR),
@@ -218,8 +212,8 @@ def test_what_the_logger_retries():
                  MlflowException("x", error_code=REQUEST_LIMIT_EXCEEDED)]
     permanent = [_http_error(403), MlflowException("x", error_code=RESOURCE_DOES_NOT_EXIST),
                  MlflowException("x", error_code=PERMISSION_DENIED), TypeError("a bug")]
-    assert [_permanent(e) for e in transient] == [False] * len(transient)
-    assert [_permanent(e) for e in permanent] == [True] * len(permanent)
+    assert [is_permanent(e) for e in transient] == [False] * len(transient)
+    assert [is_permanent(e) for e in permanent] == [True] * len(permanent)
 
 
 @pytest.mark.slow
@@ -230,26 +224,26 @@ def test_logger_delivers_in_order_and_repeats_nothing_on_resume(worker_mlflow_en
     reported and dropped, and the queue behind it still goes through."""
     from mlflow.tracking import MlflowClient
 
-    from wsdan.raytrain import _RankZeroLogger
+    from wsdan.tracking.sender import RankZeroLogger
 
     uri = mlflow_env
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("wsdan-faults")
     exp_id = exp.experiment_id if exp else client.create_experiment("wsdan-faults")
     run_id = client.create_run(exp_id).info.run_id
-    logger = _RankZeroLogger({"tracking_uri": uri, "run_id": run_id})
+    logger = RankZeroLogger({"tracking_uri": uri, "run_id": run_id})
     for epoch in (1, 2):
         logger.log_epoch({"loss": 1.0 / epoch, "epoch": epoch}, epoch)
     assert logger.close(timeout_s=120) is True and logger.unlogged() == []
     # A resumed job: epoch 2 is in the run already, epoch 3 (its checkpoint's) is not.
-    resumed = _RankZeroLogger({"tracking_uri": uri, "run_id": run_id})
+    resumed = RankZeroLogger({"tracking_uri": uri, "run_id": run_id})
     resumed.ensure_logged({2: {"loss": 0.5, "epoch": 2.0}, 3: {"loss": 0.25, "epoch": 3.0}})
     assert resumed.close(timeout_s=120) is True
     history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25)]
     assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1, 2, 3]
     # A run that does not exist: refused for good, reported, not retried for ever.
-    gone = _RankZeroLogger({"tracking_uri": uri, "run_id": "f" * 32})
+    gone = RankZeroLogger({"tracking_uri": uri, "run_id": "f" * 32})
     gone.log_epoch({"loss": 9.0, "epoch": 4}, 4)
     gone.log_epoch({"loss": 8.0, "epoch": 5}, 5)
     assert gone.close(timeout_s=120) is True

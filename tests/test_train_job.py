@@ -15,18 +15,12 @@ from pathlib import Path
 import pytest
 
 from jobs import train
-from tests.helpers import prepare_tiny_synthetic
+from tests.helpers import TINY, prepare_tiny_synthetic
 from wsdan.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "wsdan-jobs"
-TINY = [
-    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
-    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
-    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
-    "data.resize_size=48",
-]
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def check_tracking_server(tracking_uri: str | None = None, *, timeout_s: float =
     URIs (a local sqlite or file store, Databricks) are not checked here.
 
     Later outages are not fatal: rank 0 buffers what it logs while the server is away
-    (``wsdan.raytrain._RankZeroLogger``)."""
+    (``wsdan.tracking.sender.RankZeroLogger``)."""
     uri = (os.environ.get("MLFLOW_TRACKING_URI", "") if tracking_uri is None
            else tracking_uri).strip()
     if not uri.lower().startswith(("http://", "https://")):

@@ -23,15 +23,39 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 
 from wsdan.config import ConfigError
 
-# The pyfunc model's limits and their variables (wsdan.tracking.pyfunc), repeated so --help
-# needs no torch.
+# The served model's request limits, checked before any image is decoded, and the variables
+# of the server's environment that set them (read by wsdan.tracking.pyfunc at load; not a
+# model_config: MLflow drops the keys a model was not logged with). Here, where --help needs
+# no torch.
 DEFAULT_MAX_IMAGES = 256
 DEFAULT_MAX_REQUEST_MB = 20.0
 MAX_IMAGES_ENV = "WSDAN_SERVE_MAX_IMAGES"
 MAX_REQUEST_MB_ENV = "WSDAN_SERVE_MAX_REQUEST_MB"
+
+
+def request_limits(environ: Mapping[str, str] | None = None) -> tuple[int, float]:
+    """(max_images, max_request_mb) from ``environ`` (default ``os.environ``): the variables
+    ``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB``, else the defaults. A value
+    that is not a positive number is a ValueError naming the variable."""
+    environ = os.environ if environ is None else environ
+    limits: list[float] = []
+    for name, kind, default in ((MAX_IMAGES_ENV, int, DEFAULT_MAX_IMAGES),
+                                (MAX_REQUEST_MB_ENV, float, DEFAULT_MAX_REQUEST_MB)):
+        text = environ.get(name, "").strip()
+        try:
+            value = kind(text) if text else default
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise ValueError(f"{name}={text!r}: expected a positive "
+                             f"{'whole number' if kind is int else 'number'}")
+        limits.append(value)
+    return int(limits[0]), float(limits[1])
+
 
 _NAME = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))?$")
 

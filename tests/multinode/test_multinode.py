@@ -20,17 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import aws_environ, prepare_tiny_synthetic
+from tests.helpers import TINY, aws_environ, prepare_tiny_synthetic
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 BUCKET = "wsdan-multinode"
-TINY = [
-    "model.backbone=resnet18_layer3", "model.num_classes=3", "model.num_attentions=2",
-    "model.weights=null", "optim.batch_size=8", "optim.base_batch_size=8", "optim.lr=0.01",
-    "optim.head_lr_mult=0.1", "optim.warmup_epochs=0", "data.image_size=40",
-    "data.resize_size=48",
-]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -106,6 +106,21 @@ class ServiceConfig(Protocol):
     def server_log(self) -> Path: ...
 
 
+class DataDirFiles:
+    """The files a managed server keeps in its config's ``data_dir``: its pid file and its
+    log. Mixed into each service's config dataclass."""
+
+    data_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "pid"
+
+    @property
+    def server_log(self) -> Path:
+        return self.data_dir / "server.log"
+
+
 ConfigT = TypeVar("ConfigT", bound=ServiceConfig)
 _Self = TypeVar("_Self", bound="ManagedProcess[Any]")
 

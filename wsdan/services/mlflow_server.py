@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from wsdan.services._process import ManagedProcess, ManagedProcessError
+from wsdan.services._process import DataDirFiles, ManagedProcess, ManagedProcessError
 from wsdan.services.s3_access import REGION, SecretEnv, boto_retry_env
 
 # Variables the server must not inherit from the caller: they would point its S3 client
@@ -52,7 +52,7 @@ class MlflowServerError(ManagedProcessError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MlflowServerConfig:
+class MlflowServerConfig(DataDirFiles):
     """Where and how to run one MLflow tracking server.
 
     artifacts_destination: ``s3://bucket/prefix`` (the bucket must exist) or a local path;
@@ -106,14 +106,6 @@ class MlflowServerConfig:
     @property
     def db_file(self) -> Path:
         return self.data_dir / "mlflow.db"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "pid"
-
-    @property
-    def server_log(self) -> Path:
-        return self.data_dir / "server.log"
 
     def command(self) -> list[str]:
         """The ``mlflow server`` command line. It holds no secret (those go in env())."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsdan.services._process import find_free_ports
+from wsdan.services._process import DataDirFiles, find_free_ports
 from wsdan.services.s3_access import S3ServerError, check_bucket_name, credentials_from_env
 
 __all__ = [
@@ -57,7 +57,7 @@ def find_weed_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
-class S3ServerConfig:
+class S3ServerConfig(DataDirFiles):
     """Where and how to run one SeaweedFS S3 server.
 
     The defaults keep every HTTP port and its gRPC twin (+10000) apart: 8333/18333 (S3),
@@ -143,14 +143,6 @@ class S3ServerConfig:
     @property
     def identities_file(self) -> Path:
         return self.data_dir / "identities.json"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "pid"
-
-    @property
-    def server_log(self) -> Path:
-        return self.data_dir / "server.log"
 
     @property
     def log_dir(self) -> Path:

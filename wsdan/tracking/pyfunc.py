@@ -48,9 +48,8 @@ import contextlib
 import importlib.metadata
 import io
 import json
-import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +71,7 @@ from wsdan.config import TrainConfig
 from wsdan.data.decode import DecodeError, decode, decode_array, decode_rgb
 from wsdan.inference import predict
 from wsdan.model import WSDAN, build_model
+from wsdan.serving import request_limits
 from wsdan.transforms import center_crop
 
 FORMAT_VERSION = 1
@@ -90,12 +90,6 @@ mlflow.models.set_model(WSDANPyfunc())
 """
 # Images per forward pass: bounds memory for large requests (each image costs two passes).
 DEFAULT_BATCH_SIZE = 32
-# Request limits, checked before decoding; the server's environment may set them. (Not a
-# model_config: MLflow drops the keys a model was not logged with, and logs those as params.)
-DEFAULT_MAX_IMAGES = 256
-DEFAULT_MAX_REQUEST_MB = 20.0
-MAX_IMAGES_ENV = "WSDAN_SERVE_MAX_IMAGES"
-MAX_REQUEST_MB_ENV = "WSDAN_SERVE_MAX_REQUEST_MB"
 IMAGE_COLUMN = "image"
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 # Packages the model needs at load time, pinned to the installed versions. pyarrow: the
@@ -327,26 +321,6 @@ def _encoded_size(value: Any) -> int:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return len(value)
     return 0
-
-
-def request_limits(environ: Mapping[str, str] | None = None) -> tuple[int, float]:
-    """(max_images, max_request_mb) from ``environ`` (default ``os.environ``): the variables
-    ``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB``, else the defaults. A value
-    that is not a positive number is a ValueError naming the variable."""
-    environ = os.environ if environ is None else environ
-    limits: list[float] = []
-    for name, kind, default in ((MAX_IMAGES_ENV, int, DEFAULT_MAX_IMAGES),
-                                (MAX_REQUEST_MB_ENV, float, DEFAULT_MAX_REQUEST_MB)):
-        text = environ.get(name, "").strip()
-        try:
-            value = kind(text) if text else default
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise ValueError(f"{name}={text!r}: expected a positive "
-                             f"{'whole number' if kind is int else 'number'}")
-        limits.append(value)
-    return int(limits[0]), float(limits[1])
 
 
 def check_request_size(values: Sequence[Any], max_images: int, max_request_mb: float) -> None:
