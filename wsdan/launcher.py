@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -384,6 +386,22 @@ def build_trainer(
     )
 
 
+def fit(trainer: Any) -> Any:
+    """``trainer.fit()``, then this process's SIGINT handler as it was before.
+
+    Ray Train installs a Ctrl-C handler that holds its controller actor; left in place it
+    keeps the finished run's controller, dataset manager and split coordinators alive (and
+    their memory, ~2 GB) for as long as the driver goes on: registering, evaluating, or the
+    next job of the same process."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if before is not None:  # None: not set from Python; nothing to put back
+            signal.signal(signal.SIGINT, before)
+
+
 def run_job(
     cfg: TrainConfig,
     spec: JobSpec,
@@ -439,9 +457,9 @@ def run_job(
         from wsdan.progress import DriverProgress
 
         with DriverProgress(board, epochs=cfg.optim.epochs):
-            result = trainer.fit()
+            result = fit(trainer)
     else:
-        result = trainer.fit()
+        result = fit(trainer)
     wall = time.perf_counter() - t0
     if result.error:
         raise result.error
