@@ -1,21 +1,23 @@
 """Benchmark: the served model under load, with bad requests mixed in.
 
-Serves a model with ``mlflow models serve`` on 127.0.0.1 (a free port; the command line and
-environment of ``wsdan serve``, ``wsdan.serving``), warms it up, then sends a bounded number
-of requests: first from one client (the baseline), then from ``--clients`` threads, each with
-its own keep-alive connection. In both, every ``--bad-every``-th request is a bad one, the
-kinds in turn: a wrong column, a value that is not an image, an empty batch, a body of
-``--big-mb`` MB (one huge "image"), a body that is not JSON. Each bad request must get a 4xx
-whose message names the problem; the good requests around them must all succeed.
+Serves a model as ``wsdan serve`` does (MLflow's scoring app behind its body guard, with
+the command line and environment of ``wsdan.serving``) on a free port of 127.0.0.1, warms
+it up, then sends a bounded number of requests: first from one client (the baseline), then
+from ``--clients`` threads, each with its own keep-alive connection. In both, every
+``--bad-every``-th request is a bad one, the kinds in turn: a wrong column, a value that is
+not an image, an empty batch, a body of ``--big-mb`` MB (one huge "image"), a body that is
+not JSON, a ``--big-mb`` MB body that is not JSON, a 5 MB one. Each bad request must get a
+4xx whose message names the problem, in an answer of at most 16 KiB (none quotes the
+request back); the good requests around them must all succeed.
 
 Figures: failed requests, p50/p99 latency of the good requests, images/s (good images over
-the phase's wall time), and the RSS of the server's process tree (``mlflow models serve`` and
-its uvicorn worker) after the warm-up and after the run; the run holds if it grew by at most
+the phase's wall time), and the RSS of the server's process tree (uvicorn and its workers)
+after the warm-up and after the run; the run holds if it grew by at most
 ``--rss-margin-mb`` (also sampled after each quarter of the load phase: a leak climbs
-quarter by quarter, the allocator's churn does not). The warm-up sends every kind of request, bad ones included, from
-``--clients`` clients, so the server has reached its working set (threads, allocator arenas,
-the high-water mark of the big body) before the first measurement: what grows after it is
-what the requests leave behind.
+quarter by quarter, the allocator's churn does not). The warm-up sends every kind of
+request, bad ones included, from ``--clients`` clients, so the server has reached its
+working set (threads, allocator arenas) before the first measurement: what grows after it
+is what the requests leave behind.
 
     python -m jobs.bench_serve                      # a tiny fresh model, no services needed
     python -m jobs.bench_serve --model NAME@champion   # a registered model (MLFLOW_TRACKING_URI)
@@ -52,7 +54,9 @@ from PIL import Image
 
 from wsdan.serving import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_MB
 
-BAD_KINDS = ("wrong column", "not an image", "empty batch", "big body", "not JSON")
+BAD_KINDS = ("wrong column", "not an image", "empty batch", "big body", "not JSON",
+             "big junk", "long junk")
+MAX_ERROR_ANSWER = 16_384  # bytes: an error answer never quotes a request back
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,12 @@ def bad_requests(big_mb: float, px: int) -> dict[str, Req]:
                         expect="request too large"),
         "not JSON": Req("not JSON", b"{this is not json",
                         expect="Ensure that input is a valid JSON formatted string"),
+        # Not JSON either: big_mb MB (refused for its size, before the server holds it), and
+        # 5 MB, under the size limit (refused by MLflow's parser, which quotes the body: the
+        # answer must come back short).
+        "big junk": Req("big junk", b"x" * int(big_mb * 1e6), expect="request too large"),
+        "long junk": Req("long junk", b"{" + b"x" * 5_000_000,
+                         expect="Ensure that input is a valid JSON formatted string"),
     }
 
 
@@ -211,8 +221,9 @@ class Server:
 @contextlib.contextmanager
 def served(model: str, env: dict[str, str], folder: Path, args: argparse.Namespace,
            ready_timeout: float = 300) -> Iterator[Server]:
-    """``mlflow models serve`` of ``model`` on a free loopback port (``wsdan serve``'s command
-    line and environment), until the block ends; then its process group is stopped."""
+    """``wsdan serve`` of ``model`` on a free loopback port (its command line and environment:
+    MLflow's scoring app behind the body guard), until the block ends; then its process
+    group is stopped."""
     from wsdan.services import find_free_port
     from wsdan.serving import serve_command, serve_env
 
@@ -221,8 +232,7 @@ def served(model: str, env: dict[str, str], folder: Path, args: argparse.Namespa
                                     workers=args.workers, timeout=None, env_manager="local",
                                     max_images=args.max_images,
                                     max_request_mb=args.max_request_mb)
-    cmd = serve_command(serve_args)
-    cmd[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")  # this environment's
+    cmd = serve_command(serve_args)  # this Python's uvicorn and MLflow
     log_path = folder / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -248,13 +258,13 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n"
+            raise RuntimeError(f"the model server exited with {proc.returncode}:\n"
                                f"{log_path.read_text(errors='replace')[-3000:]}")
         with contextlib.suppress(OSError), opener.open(f"{url}/ping", timeout=2) as response:
             if response.status == 200:
                 return
         time.sleep(0.25)
-    raise RuntimeError(f"mlflow models serve: no /ping after {timeout:.0f} s:\n"
+    raise RuntimeError(f"the model server: no /ping after {timeout:.0f} s:\n"
                        f"{log_path.read_text(errors='replace')[-3000:]}")
 
 
@@ -281,7 +291,7 @@ def _judge(req: Req, status: int, body: bytes) -> tuple[bool, str]:
     message = answer.get("message", "") if isinstance(answer, dict) else ""
     message = message or body[:300].decode(errors="replace")
     ok = (400 <= status < 500 and isinstance(answer, dict) and req.expect in message
-          and "stack_trace" not in answer)
+          and "stack_trace" not in answer and len(body) <= MAX_ERROR_ANSWER)
     return ok, message
 
 

@@ -102,9 +102,16 @@ def test_serve_builds_a_loopback_mlflow_command(capsys, monkeypatch):
     assert model_uri("models:/cub/3") == "models:/cub/3"
     with pytest.raises(ConfigError, match="NAME@ALIAS"):
         model_uri("a@@b")
-    assert main(["serve", "cub", "--dry-run"]) == 0
-    cmd = capsys.readouterr().out.split()
-    assert cmd[1:5] == ["models", "serve", "-m", "models:/cub@champion"]
+    assert main(["serve", "cub", "--dry-run", "--timeout", "30"]) == 0
+    cmd = capsys.readouterr().out.split()  # here: MLflow's scoring app behind the body guard
+    assert cmd[:4] == ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=30", "WSDAN_SERVE_MAX_IMAGES=256",
+                       "WSDAN_SERVE_MAX_REQUEST_MB=20",
+                       "WSDAN_SERVE_MODEL_URI=models:/cub@champion"]
+    assert cmd[5:7] == ["-m", "uvicorn"] and cmd[-1] == "wsdan.serving_app:app"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5001"
+    assert main(["serve", "cub", "--dry-run", "--env-manager", "uv"]) == 0
+    cmd = capsys.readouterr().out.split()  # another environment: mlflow models serve itself
+    assert cmd[4:8] == ["models", "serve", "-m", "models:/cub@champion"]
     assert cmd[cmd.index("-h") + 1] == "127.0.0.1" and cmd[cmd.index("-p") + 1] == "5001"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["serve", "cub"]) == 2  # no tracking server named: a clear error, no server

@@ -1,9 +1,12 @@
 """``wsdan serve NAME[@ALIAS|/VERSION]``: serve a registered model over HTTP on loopback.
 
-A thin wrapper of ``mlflow models serve`` with the project's defaults: the model comes from
-the registry of ``MLFLOW_TRACKING_URI`` (``@champion`` unless an alias or version is
-given), the server binds 127.0.0.1, and the model runs in this environment
-(``--env-manager local``: the project is installed here already). Requests are the
+``mlflow models serve`` with the project's defaults: the model comes from the registry of
+``MLFLOW_TRACKING_URI`` (``@champion`` unless an alias or version is given), the server binds
+127.0.0.1, and the model runs in this environment (``--env-manager local``: the project is
+installed here already). In this environment the server is MLflow's own scoring app (the
+same routes and answers) run by uvicorn behind a guard on request bodies
+(:mod:`wsdan.serving_app`): a body too large for the limits below is answered 413 and never
+held whole in memory, and no error answer quotes the request back. Requests are the
 pyfunc model's (``wsdan.tracking.pyfunc``): a JSON ``dataframe_split`` with an ``image``
 column of base64-encoded files. A request of more than ``--max-images`` images or
 ``--max-request-mb`` MB of images is refused with HTTP 400 naming the limit, before any image
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -35,6 +39,7 @@ DEFAULT_MAX_IMAGES = 256
 DEFAULT_MAX_REQUEST_MB = 20.0
 MAX_IMAGES_ENV = "WSDAN_SERVE_MAX_IMAGES"
 MAX_REQUEST_MB_ENV = "WSDAN_SERVE_MAX_REQUEST_MB"
+MODEL_URI_ENV = "WSDAN_SERVE_MODEL_URI"  # the model wsdan.serving_app serves
 
 
 def request_limits(environ: Mapping[str, str] | None = None) -> tuple[int, float]:
@@ -75,7 +80,13 @@ def model_uri(spec: str, default_alias: str = "champion") -> str:
 
 
 def serve_command(args: argparse.Namespace) -> list[str]:
-    """The ``mlflow models serve`` command line for ``args``."""
+    """The server's command line for ``args``. In this environment (``--env-manager local``):
+    uvicorn running :mod:`wsdan.serving_app`, MLflow's scoring server behind the request-body
+    guard. Otherwise ``mlflow models serve``, which builds the model's environment (its
+    scoring server then reads whole bodies, whatever their size)."""
+    if args.env_manager == "local":
+        return [sys.executable, "-m", "uvicorn", "--host", args.host, "--port",
+                str(args.port), "--workers", str(args.workers), "wsdan.serving_app:app"]
     mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     cmd = [mlflow, "models", "serve", "-m", model_uri(args.model), "--env-manager",
            args.env_manager, "-h", args.host, "-p", str(args.port), "-w", str(args.workers)]
@@ -87,13 +98,18 @@ def serve_command(args: argparse.Namespace) -> list[str]:
 def serve_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: ``environ`` (default ``os.environ``) with the request limits
     in ``WSDAN_SERVE_MAX_IMAGES`` and ``WSDAN_SERVE_MAX_REQUEST_MB`` (the model reads them in
-    ``load_context``) and this Python's ``bin/`` on PATH (serve runs ``uvicorn`` from it)."""
+    ``load_context``, the body guard the second), the model's URI in
+    ``WSDAN_SERVE_MODEL_URI``, and this Python's ``bin/`` on PATH (``mlflow models serve``
+    runs ``uvicorn`` from it)."""
     env = dict(os.environ if environ is None else environ)
     if args.max_images < 1 or args.max_request_mb <= 0:
         raise ConfigError(f"--max-images ({args.max_images}) and --max-request-mb "
                           f"({args.max_request_mb}) must be positive")
     env[MAX_IMAGES_ENV] = str(args.max_images)
     env[MAX_REQUEST_MB_ENV] = f"{args.max_request_mb:g}"
+    env[MODEL_URI_ENV] = model_uri(args.model)  # what wsdan.serving_app loads
+    if args.timeout is not None:
+        env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(args.timeout)
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
     return env
@@ -101,8 +117,8 @@ def serve_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Serve a registered model with `mlflow models serve`, on loopback by "
-                    "default. Needs MLFLOW_TRACKING_URI (and the S3 variables) pointing at "
+        description="Serve a registered model with MLflow's scoring server, on loopback by "
+                    "default, behind a request-size guard. Needs MLFLOW_TRACKING_URI (and the S3 variables) pointing at "
                     "the tracking server: eval \"$(wsdan stack env)\" for the local stack.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="NAME (its @champion), NAME@ALIAS, NAME/VERSION or a "
@@ -117,10 +133,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per request; more is refused with HTTP 400")
     p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
                    help="MB of encoded images per request (checked before decoding); more "
-                        "is refused with HTTP 400")
+                        "is refused with HTTP 400, and a body too large for it with 413 "
+                        "before it is held in memory")
     p.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv"],
                    help="where the model runs: this environment, or one MLflow builds from "
-                        "the model's requirements")
+                        "the model's requirements (then `mlflow models serve` runs as it is, "
+                        "without the body guard)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the command instead of running it")
     return p
@@ -129,8 +147,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     cmd = serve_command(args)
     env = serve_env(args)
-    if args.dry_run:
-        print(" ".join(cmd))
+    if args.dry_run:  # the variables the server reads, then its command line
+        shown = [f"{k}={shlex.quote(env[k])}" for k in sorted(env)
+                 if k.startswith("WSDAN_SERVE_") or k == "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"]
+        print(" ".join([*shown, *map(shlex.quote, cmd)]))
         return
     if not os.environ.get("MLFLOW_TRACKING_URI") and not args.model.startswith(("s3:", "runs:")):
         raise ConfigError("MLFLOW_TRACKING_URI is not set: point it at the tracking server "
