@@ -52,9 +52,10 @@ Design decisions, measured on the two-core development machine (jobs/bench_inges
   and an epoch's sequence (for one consumer) is a function of the seeds and the epoch.
   With ``shuffle=False`` the order is the manifest's.
 - *Corrupt images* are dropped in the decode task, logged, and reported to one named
-  actor (:class:`SkipLog`), which keeps the distinct image ids per (source, split):
-  :func:`skipped_images` gives the count a training job logs as ``skipped_images``. The
-  actor is only called when an image fails, so healthy data costs nothing.
+  actor (:class:`SkipLog`, in ``wsdan.data.actors``), which keeps the distinct image ids
+  per (source, split): :func:`skipped_images` gives the count a training job logs as
+  ``skipped_images``. The actor is only called when an image fails, so healthy data
+  costs nothing.
 - *Transient S3 errors* (the server down or restarting, dropped connections, time-outs,
   5xx, throttling) are retried by the AWS SDK under pyarrow, request by request, with the
   project's one retry policy (``wsdan.storage``: exponential backoff, ~25 s without an
@@ -96,6 +97,17 @@ from ray.data.datasource import Datasource, ReadTask
 
 from wsdan import storage
 from wsdan.config import DataConfig
+from wsdan.data.actors import (
+    EPOCH_KEY_CONFIG,
+    EpochClock,
+    SkipLog,
+    announce_epoch,
+    epoch_clock,
+    skip_log,
+    skip_report,
+    skipped_images,
+    source_key,
+)
 from wsdan.data.decode import decode_blocks, decode_image
 from wsdan.data.manifest import (
     FORMAT_VERSION,
@@ -133,123 +145,7 @@ __all__ = [
 
 DECODE_BATCH_SIZE = 32  # images per decode call: ~25 MB blocks at 512 px (see above)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp")
-SKIP_LOG_NAME = "wsdan-skipped-images"
-EPOCH_CLOCK_NAME = "wsdan-epoch-clock"
-EPOCH_KEY_CONFIG = "wsdan.epoch_key"  # DataContext config: the dataset's key in the clock
 MAX_READ_TASKS = 2000  # row groups per read task grow beyond this (Ray warns at 5000 tasks)
-
-
-
-# -- corrupt-image accounting --------------------------------------------------------------
-
-
-@ray.remote(num_cpus=0)
-class SkipLog:
-    """Distinct images that failed to decode, per source (``"<uri>#<split>"``).
-
-    Distinct ids, not events: the same broken image seen again next epoch, or by a
-    retried task, counts once. ``events`` counts every time one was dropped.
-    """
-
-    def __init__(self) -> None:
-        self._ids: dict[str, dict[str, str]] = {}
-        self._events: dict[str, int] = {}
-
-    def add(self, source: str, skipped: list[tuple[str, str]]) -> None:
-        ids = self._ids.setdefault(source, {})
-        for image_id, reason in skipped:
-            ids.setdefault(image_id, reason)
-        self._events[source] = self._events.get(source, 0) + len(skipped)
-
-    def report(self, source: str | None = None) -> dict[str, dict[str, Any]]:
-        keys = [source] if source is not None else sorted(self._ids)
-        return {k: {"images": len(self._ids.get(k, {})), "events": self._events.get(k, 0),
-                    "examples": dict(list(self._ids.get(k, {}).items())[:20])} for k in keys}
-
-
-def _source_key(uri: str, split: str) -> str:
-    return f"{uri.rstrip('/')}#{split}"
-
-
-def _skip_log(create: bool) -> Any:
-    if create:
-        return SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True,
-                               scheduling_strategy="DEFAULT").remote()  # see _epoch_clock
-    try:
-        return ray.get_actor(SKIP_LOG_NAME)
-    except ValueError:
-        return None
-
-
-def skip_report(root_uri: str | None = None, split: str | None = None) -> dict[str, Any]:
-    """``{"<uri>#<split>": {"images": n, "events": m, "examples": {id: reason}}}``."""
-    actor = _skip_log(create=False) if ray.is_initialized() else None
-    if actor is None:
-        return {}
-    source = _source_key(root_uri, split or "") if root_uri is not None else None
-    return ray.get(actor.report.remote(source))
-
-
-def skipped_images(root_uri: str, split: str) -> int:
-    """Distinct images of ``split`` skipped as corrupt so far (log it as ``skipped_images``)."""
-    return int(skip_report(root_uri, split).get(_source_key(root_uri, split), {}).get("images", 0))
-
-
-# -- per-epoch order -----------------------------------------------------------------------
-
-
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class EpochClock:
-    """The epoch that the consumers of each shuffled dataset announced last, by dataset key.
-
-    Ray plans a dataset's read tasks anew at every execution (every epoch), in the process
-    that executes it: the driver, or the ``streaming_split`` coordinator actor behind Ray
-    Train's dataset shards. Ray's own ``FileShuffleConfig(reseed_after_execution=True)``
-    seeds that plan with the number of executions so far, which starts again at 0 in a new
-    coordinator, i.e. after a job or its worker group resumes from a checkpoint. So the
-    consumer announces the epoch it is about to read (:func:`iter_torch` with ``epoch``,
-    before it asks for the first batch) and the plan reads it from here (`EpochShuffle`).
-
-    One detached actor per cluster (namespace ``wsdan``, no CPU), keyed by a random id per
-    dataset: it must outlive whichever process created it (a Tune trial stopped early,
-    while other trials train). Should it be lost with its node, it restarts empty, and
-    the next epoch's announcement fills it again.
-    """
-
-    def __init__(self) -> None:
-        self._epochs: dict[str, int] = {}
-
-    def announce(self, key: str, epoch: int) -> None:
-        self._epochs[key] = epoch
-
-    def epoch(self, key: str) -> int | None:
-        return self._epochs.get(key)
-
-
-def _epoch_clock() -> Any:
-    # scheduling_strategy="DEFAULT": outside the caller's placement group. Created from a
-    # Train worker it would otherwise be captured by that run's group, die with it, and
-    # (max_restarts=-1) wait forever to restart in a group that no longer exists: the next
-    # trial of a sweep then hung in announce_epoch.
-    return EpochClock.options(name=EPOCH_CLOCK_NAME, namespace="wsdan", lifetime="detached",
-                              get_if_exists=True, scheduling_strategy="DEFAULT").remote()
-
-
-def _dataset_context(data: ray.data.Dataset | ray.data.DataIterator) -> DataContext | None:
-    if isinstance(data, ray.data.Dataset):
-        return data.context
-    return data.get_context()  # a shard: one call to its coordinator
-
-
-def announce_epoch(data: ray.data.Dataset | ray.data.DataIterator, epoch: int) -> None:
-    """Tell a shuffled dataset (built by :func:`build_dataset` / :func:`build_folder_dataset`)
-    which epoch its next execution is, before iterating it: its read order is then a
-    function of ``(seed, epoch)`` alone. Every consumer of a split (every Train worker)
-    announces the same epoch; a dataset that was not shuffled ignores it."""
-    ctx = _dataset_context(data)
-    key = ctx.get_config(EPOCH_KEY_CONFIG) if ctx is not None else None
-    if key is not None:
-        ray.get(_epoch_clock().announce.remote(key, int(epoch)))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -265,7 +161,7 @@ class EpochShuffle(FileShuffleConfig):
     key: str = ""
 
     def get_seed(self, execution_idx: int = 0) -> int:
-        epoch = ray.get(_epoch_clock().epoch.remote(self.key)) if self.key else None
+        epoch = ray.get(epoch_clock().epoch.remote(self.key)) if self.key else None
         return _epoch_seed(int(self.seed or 0), execution_idx if epoch is None else epoch)
 
 
@@ -385,7 +281,7 @@ def _read_context(size: int, seed: int | None) -> Iterator[tuple[DataContext, Ep
     if seed is not None:
         order = EpochShuffle(seed=int(seed), key=uuid.uuid4().hex)
         ctx.set_config(EPOCH_KEY_CONFIG, order.key)
-        _epoch_clock()  # started now rather than at the first epoch
+        epoch_clock()  # started now rather than at the first epoch
     with DataContext.current(ctx):
         yield ctx, order
 
@@ -403,7 +299,7 @@ def _decoded(ds: ray.data.Dataset, *, size: int, source: str,
         batch_size=None,
         batch_format="pyarrow",
         fn_kwargs={"size": size, "batch_size": DECODE_BATCH_SIZE, "source": source,
-                   "skip_log": _skip_log(create=True), "classes": classes, "root": root},
+                   "skip_log": skip_log(create=True), "classes": classes, "root": root},
     )
 
 
@@ -444,7 +340,7 @@ def build_dataset(
             # trip through the object store).
             override_num_blocks=min(len(units), MAX_READ_TASKS),
         )
-        return _decoded(ds, size=cfg.resize_size, source=_source_key(root_uri, split))
+        return _decoded(ds, size=cfg.resize_size, source=source_key(root_uri, split))
 
 
 # -- raw class folders ---------------------------------------------------------------------
@@ -522,7 +418,7 @@ def build_folder_dataset(
             # One read task per DECODE_BATCH_SIZE files: unsplit, so fused with the decode.
             override_num_blocks=-(-len(paths) // DECODE_BATCH_SIZE),
         )
-        ds = _decoded(ds, size=cfg.resize_size, source=_source_key(uri, split),
+        ds = _decoded(ds, size=cfg.resize_size, source=source_key(uri, split),
                       classes=classes, root=base)
     return ds, classes
 
