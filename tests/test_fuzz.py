@@ -47,11 +47,11 @@ from wsdan.config import ConfigError, TrainConfig
 from wsdan.data.pipeline import FORMAT_VERSION, DataSourceError, read_manifest
 from wsdan.launcher import check_data
 from wsdan.tracking.card import manifest_digest, model_card
-from wsdan.tracking.pyfunc import (
+from wsdan.tracking.inputs import (
     ImageInputError,
-    _image_values,
     decode_image,
     decode_resized,
+    image_values,
     preprocess,
 )
 
@@ -526,7 +526,7 @@ def _is_client_error(e: MlflowException) -> bool:
 @example(pd.DataFrame())
 def test_serving_payload(small_images, payload: Any) -> None:
     try:
-        values = _image_values(payload)
+        values = image_values(payload)
         batch = preprocess(values, resize_size=R, image_size=S)
     except MlflowException as e:
         event("client error")

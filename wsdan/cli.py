@@ -78,11 +78,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from wsdan.data.decode import DecodeError
     from wsdan.data.formats._common import DatasetFormatError
     from wsdan.data.manifest import DataSourceError
+    from wsdan.services._process import ManagedProcessError
     from wsdan.storage import StorageFullError
     from wsdan.weights import WeightsError
 
     return (ConfigError, DataSourceError, DatasetFormatError, WeightsError, DecodeError,
-            StorageFullError)
+            StorageFullError, ManagedProcessError)
 
 
 def run_main(job_main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

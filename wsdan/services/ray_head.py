@@ -21,9 +21,14 @@ from pathlib import Path
 
 import psutil
 
+from wsdan.services._process import ManagedProcessError
 
-class RayHeadError(RuntimeError):
-    pass
+
+class RayHeadError(ManagedProcessError):
+    """A Ray node could not be started or stopped; the message says why and where to look."""
+
+
+DASHBOARD_TIMEOUT_ENV = "RAY_DASHBOARD_STARTUP_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -174,12 +179,17 @@ class RayHead:
         except Exception:
             return False
 
-    def start(self, timeout: float = 120, environ: dict[str, str] | None = None) -> None:
+    def start(self, timeout: float = 300, environ: dict[str, str] | None = None) -> None:
         """Idempotent: a running head of this config is left alone.
 
         ``environ`` (default: ours) is inherited by every Ray process of the node (workers,
         job drivers). The project's own heads get no S3 or MLflow settings this way: jobs
-        bring them in their ``runtime_env``."""
+        bring them in their ``runtime_env``.
+
+        ``timeout`` bounds ``ray start`` and the dashboard's start (Ray's own limit, 60 s,
+        is raised to it unless RAY_DASHBOARD_STARTUP_TIMEOUT_S is set): on a fresh install
+        on two cores the dashboard's first start, which compiles its modules, took longer
+        than 60 s, and ``ray start`` gave up. A failed start leaves no process behind."""
         c = self.config
         if self.processes() and self.healthy():
             return
@@ -199,11 +209,18 @@ class RayHead:
             if value is not None:
                 cmd.append(f"--{flag}={value}")
         log = c.temp_dir / "ray-start.log"
-        with open(log, "ab") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                  env=ray_env(c.auth_mode, environ, multi_node=c.multi_node),
-                                  timeout=timeout)
+        env = ray_env(c.auth_mode, environ, multi_node=c.multi_node)
+        env.setdefault(DASHBOARD_TIMEOUT_ENV, str(int(timeout)))
+        try:
+            with open(log, "ab") as out:
+                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                      timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RayHeadError(f"ray start did not finish within {timeout + 30:.0f}s; "
+                               f"see {log}") from None
         if proc.returncode != 0:
+            self.stop()
             raise RayHeadError(f"ray start failed (exit {proc.returncode}); see {log}:\n"
                                + log.read_text()[-2000:])
         deadline = time.monotonic() + timeout
