@@ -10,13 +10,10 @@ cluster work, and repairs a snapshot that a full disk left unreadable.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from wsdan import storage
 from wsdan.config import ConfigError, TrainConfig
-
-if TYPE_CHECKING:
-    from wsdan.launcher import JobSpec
 
 __all__ = ["JOB_FILE", "RAY_SNAPSHOT", "check_resume", "job_file", "record_job", "repair_snapshot",
            "resume_epoch"]
@@ -25,6 +22,17 @@ JOB_FILE = "wsdan_job.json"
 # Ray Train's own record of a run's reported checkpoints, beside them: the latest one in it
 # is where a rerun of the job resumes (a checkpoint not yet in it is not resumed from).
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+class JobSpec(Protocol):
+    """What these functions read of a job (``wsdan.launcher.JobSpec``): where it keeps its
+    checkpoints, and its name there."""
+
+    @property
+    def storage_path(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 def job_file(spec: JobSpec) -> str:
