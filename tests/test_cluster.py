@@ -166,3 +166,25 @@ def test_a_driver_forwards_where_s3_and_its_keys_are_never_the_keys():
     assert driver_runtime_env(job) == {"env_vars": {"RAY_ADDRESS": "127.0.0.1:6380"}}
     job["RAY_JOB_CONFIG_JSON_ENV_VAR"] = '{"runtime_env": {"env_vars": {"RAY_ADDRESS": "x"}}}'
     assert driver_runtime_env(job) is None
+
+
+def test_quiet_driver_drops_only_the_raylet_startup_notice():
+    import inspect
+
+    import ray._private.worker as ray_worker
+
+    from wsdan.cluster import quiet_raylet_notices
+
+    # What the quiet driver wraps: Ray's printer of raylet messages, called as (data, flag).
+    assert list(inspect.signature(ray_worker.print_to_stdstream).parameters)[:2] == [
+        "data", "ignore_prefix"]
+    printed = []
+    quiet = quiet_raylet_notices(lambda data, ignore_prefix: printed.append(data["lines"]))
+    notice = ("WARNING: 10 PYTHON worker processes have been started on node: abc with address: "
+              "127.0.0.1, which is 5x the maximum expected startup concurrency (2).")
+    died = "A worker died or was killed while executing a task by an unexpected system error."
+    quiet({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    quiet({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    quiet({"lines": [notice, "(train) epoch 1"], "pid": 4242, "is_err": False}, False)
+    assert printed == [[died], [notice, "(train) epoch 1"]]  # a worker's own lines are kept
+    assert quiet_raylet_notices(quiet) is quiet  # wrapped once, however often connect runs

@@ -107,6 +107,29 @@ def check_ray_address(address: str | None, *, timeout_s: float = 15.0) -> None:
 #: The connected cluster's dashboard, as ``ray.init`` reported it (``connect``).
 DASHBOARD_URL: str | None = None
 
+# A notice every raylet sends to every driver when it starts more worker processes at once
+# than it has CPUs (any job with a few actors on a small node): Ray's own logs keep it, a
+# quiet driver does not print it. Other raylet messages (a worker died, memory pressure)
+# are still printed.
+RAYLET_STARTUP_NOTICE = "maximum expected startup concurrency"
+
+
+def quiet_raylet_notices(print_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``print_fn`` (Ray's ``print_to_stdstream``, which the driver's raylet-message thread
+    calls) less the worker start-up notice (:data:`RAYLET_STARTUP_NOTICE`)."""
+    if getattr(print_fn, "wsdan_quiet", False):
+        return print_fn
+
+    def printed(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        lines = [line for line in data.get("lines", []) if not (
+            data.get("pid") == "raylet" and RAYLET_STARTUP_NOTICE in str(line))]
+        if lines or not data.get("lines"):
+            return print_fn({**data, "lines": lines}, *args, **kwargs)
+        return None
+
+    printed.wsdan_quiet = True  # type: ignore[attr-defined]
+    return printed
+
 
 def connect(*, quiet: bool = False) -> None:
     """``ray.init`` for the project's entry points: the cluster at ``RAY_ADDRESS`` (or a
@@ -115,8 +138,9 @@ def connect(*, quiet: bool = False) -> None:
 
     ``quiet``: the workers' output (Ray Data's progress bars and plans, Ray Train's
     reports, third-party warnings) is not forwarded to this driver; it stays in the
-    cluster's log files (the dashboard's Logs tab), and Ray's own INFO lines and Python's
-    deprecation warnings are not printed here. The project's own progress and messages
+    cluster's log files (the dashboard's Logs tab), and Ray's own INFO lines, the raylet's
+    worker start-up notice (:func:`quiet_raylet_notices`) and Python's deprecation warnings
+    are not printed here. The project's own progress and messages
     still are (``wsdan.progress``)."""
     import logging
     import os
@@ -133,6 +157,10 @@ def connect(*, quiet: bool = False) -> None:
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its run links: ours say them
+        import ray._private.worker as ray_worker  # the raylet messages' printer
+
+        if callable(getattr(ray_worker, "print_to_stdstream", None)):
+            ray_worker.print_to_stdstream = quiet_raylet_notices(ray_worker.print_to_stdstream)
     ctx = ray.init(address=address, ignore_reinit_error=True, runtime_env=driver_runtime_env(),
                    log_to_driver=not quiet,
                    logging_level=logging.WARNING if quiet else logging.INFO)
