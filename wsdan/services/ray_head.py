@@ -212,12 +212,17 @@ class RayHead:
         env = ray_env(c.auth_mode, environ, multi_node=c.multi_node)
         env.setdefault(DASHBOARD_TIMEOUT_ENV, str(int(timeout)))
         try:
+            limit = max(timeout, float(env[DASHBOARD_TIMEOUT_ENV])) + 30
+        except ValueError:
+            raise RayHeadError(f"{DASHBOARD_TIMEOUT_ENV}={env[DASHBOARD_TIMEOUT_ENV]!r}: "
+                               "give a number of seconds") from None
+        try:
             with open(log, "ab") as out:
                 proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                      timeout=timeout + 30)
+                                      timeout=limit)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise RayHeadError(f"ray start did not finish within {timeout + 30:.0f}s; "
+            raise RayHeadError(f"ray start did not finish within {limit:.0f}s; "
                                f"see {log}") from None
         if proc.returncode != 0:
             self.stop()
