@@ -134,6 +134,7 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     import time
 
     import psutil
+    from ray.util.state import list_actors
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     summary_path = tmp_path / "summary.json"
@@ -145,11 +146,14 @@ def test_killed_worker_restarts_from_checkpoint(prepared, ray_cluster, s3_env, m
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         if any("checkpoint_" in k and k.endswith(".pt") for k in
                _objects(s3_server, "runs/job-kill/")):
-            workers = [p for p in psutil.process_iter(["name", "cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [p.info["name"] or ""])]
+            # This session's workers only (other Rays may train on the machine): by the
+            # State API of the session's cluster.
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                           ("state", "=", "ALIVE")],
+                                  address=ray_cluster["gcs_address"])
             if workers:
                 killed = workers[0].pid
-                workers[0].kill()
+                psutil.Process(killed).kill()
         time.sleep(0.5)
     out, _ = proc.communicate(timeout=600)
     assert killed is not None, out[-3000:]
