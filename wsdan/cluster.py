@@ -139,8 +139,9 @@ def connect(*, quiet: bool = False) -> None:
     ``quiet``: the workers' output (Ray Data's progress bars and plans, Ray Train's
     reports, third-party warnings) is not forwarded to this driver; it stays in the
     cluster's log files (the dashboard's Logs tab), and Ray's own INFO lines, the raylet's
-    worker start-up notice (:func:`quiet_raylet_notices`) and Python's deprecation warnings
-    are not printed here. The project's own progress and messages
+    worker start-up notice (:func:`quiet_raylet_notices`), MLflow's run links and download
+    bars (unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT / MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    are set) and Python's deprecation warnings are not printed here. The project's own progress and messages
     still are (``wsdan.progress``)."""
     import logging
     import os
@@ -157,6 +158,11 @@ def connect(*, quiet: bool = False) -> None:
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its run links: ours say them
+        # MLflow writes its run and experiment links to stdout when a run ends, and a bar
+        # for every artifact download (registering a model downloads two): the summary at
+        # the end gives the deep links instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import ray._private.worker as ray_worker  # the raylet messages' printer
 
         if callable(getattr(ray_worker, "print_to_stdstream", None)):

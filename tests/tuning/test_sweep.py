@@ -339,6 +339,9 @@ def test_sweep_submitted_with_ray_job_submit(colours, ray_head_node, job_runtime
     assert sorted(summary["statuses"].values()) == ["FAILED", "FINISHED"]
     assert "| trial_id |" in logs  # the results table is printed for the user
     assert any(ln.startswith("[wsdan] trial ") and " failed: " in ln for ln in logs.splitlines())
+    # The sweep's own output, not MLflow's: no run links written to stdout when the parent
+    # run ends, no artifact download bars (wsdan.cluster.connect, quiet).
+    assert "View run" not in logs and "Downloading artifacts" not in logs, logs[-4000:]
     # No secret anywhere the job left something: its output, the job's runtime_env as the
     # cluster holds it, the head's folder (Ray's session logs), every param, tag and
     # artifact of the sweep's runs, the data set's objects (tests/secret_scan.py).
