@@ -87,20 +87,29 @@ def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, Any]]:
     # A short private temp dir: Ray's socket paths must stay under 108 characters, and a
     # dir of our own keeps this cluster apart from any other Ray on the machine.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = s3_server.aws_env()
+    from wsdan.services import find_free_ports
+
+    gcs_port, dashboard_port = find_free_ports(2)
+    address = f"127.0.0.1:{gcs_port}"
+    # The GCS port chosen here, so that the session's workers can be told their cluster's
+    # address (RAY_ADDRESS in the job's runtime_env, as wsdan.cluster.connect does for a
+    # driver): Ray Train's placement-group cleaner looks its cluster up through the State
+    # API, and with another Ray on the machine (a demo stack, a test's own head) it cannot
+    # choose, its monitor dies, and the cleaner actor is left behind, one per Train run.
+    env = {**s3_server.aws_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)  # inherited by the raylet, hence by every worker it starts
     try:
-        from wsdan.services import find_free_port
-
         info = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                        dashboard_port=find_free_port(), _temp_dir=temp_dir)
+                        dashboard_port=dashboard_port, _temp_dir=temp_dir,
+                        runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    assert info.address_info["gcs_address"] == address, info.address_info
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield dict(info.address_info)

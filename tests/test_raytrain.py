@@ -57,6 +57,8 @@ def test_two_workers_match_one_process(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from wsdan.launcher import fit
+
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(8, 3, 64, 64, generator=g), torch.randint(0, 4, (8,), generator=g))
                for _ in range(3)]
@@ -66,7 +68,7 @@ def test_two_workers_match_one_process(ray_cluster, tmp_path):
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         run_config=RunConfig(name="sync-check", storage_path=str(tmp_path / "runs")),
     )
-    trainer.fit()
+    fit(trainer)  # as the job does: Ray Train's Ctrl-C handler would keep its controller alive
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0:
