@@ -146,6 +146,7 @@ def _run_on_ray(args: argparse.Namespace) -> dict:
     from ray.train.torch import TorchTrainer
 
     from wsdan.cluster import connect
+    from wsdan.launcher import fit
 
     connect()
     inbox = _inbox()
@@ -156,7 +157,7 @@ def _run_on_ray(args: argparse.Namespace) -> dict:
                                      placement_strategy="SPREAD"),
         run_config=RunConfig(name=f"bench-sync-{int(time.time())}",
                              storage_path=os.path.abspath(".wsdan/bench")))
-    result = trainer.fit()
+    result = fit(trainer)
     if result.error:
         raise result.error
     out = ray.get(inbox.get.remote())
