@@ -123,6 +123,8 @@ def test_the_stack_listens_on_loopback_only_and_down_ends_every_process(
         ml_procs = _tree(mlflow_server.pid())
         names = {p.name() for p in ray_procs}
         assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
+        # Ray's client server names only the head's address, and has no parent once up.
+        assert any("ray.util.client.server" in p.cmdline() for p in ray_procs), names
         for service, procs in (("s3", s3_procs), ("mlflow", ml_procs), ("ray", ray_procs)):
             sockets = _listening(procs)
             public = [s for s in sockets if not _is_loopback(s[1])]
@@ -142,8 +144,10 @@ def test_the_stack_listens_on_loopback_only_and_down_ends_every_process(
         left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not left, [f"{p.pid} {p.name()}" for p in left]
         temp_dir = str(head.config.temp_dir)
+        address = f"--address={head.config.address}"
         assert [p.pid for p in psutil.process_iter(["cmdline"])
-                if any(temp_dir in part for part in (p.info["cmdline"] or []))] == []
+                if any(temp_dir in part or part == address
+                       for part in (p.info["cmdline"] or []))] == []
         assert head.processes() == [] and s3.pid() is None
     finally:
         stack.down(paths)

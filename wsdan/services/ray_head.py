@@ -88,6 +88,14 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else "ray"
 
 
+def _names_part(p: psutil.Process, part: str) -> bool:
+    """Whether one argument of ``p``'s command line is exactly ``part``."""
+    try:
+        return part in p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _processes_naming(marker: str) -> list[psutil.Process]:
     """Processes whose command line names ``marker`` (a node's own temp dir)."""
     me = psutil.Process()
@@ -165,10 +173,15 @@ class RayHead:
         return self.config.temp_dir / "wsdan-pids.json"
 
     def processes(self) -> list[psutil.Process]:
-        """Processes of *this* head: those whose command line names our temp dir, the
-        processes below them (Ray's agents rename themselves), and any process recorded when
-        the head came up that still runs."""
-        found = _with_descendants(_processes_naming(str(self.config.temp_dir)))
+        """Processes of *this* head: those whose command line names our temp dir, Ray's
+        client server (``ray.util.client.server``: it names only the head's address, and
+        ``ray start`` leaves it without a parent), the processes below them (Ray's agents
+        rename themselves), and any process recorded when the head came up that still runs."""
+        named = _processes_naming(str(self.config.temp_dir))
+        pids = {p.pid for p in named}
+        named += [p for p in _processes_naming("ray.util.client.server")
+                  if p.pid not in pids and _names_part(p, f"--address={self.config.address}")]
+        found = _with_descendants(named)
         pids = {p.pid for p in found}
         return found + [p for p in _recorded(self.pid_file) if p.pid not in pids]
 
