@@ -141,8 +141,8 @@ def connect(*, quiet: bool = False) -> None:
     cluster's log files (the dashboard's Logs tab), and Ray's own INFO lines, the raylet's
     worker start-up notice (:func:`quiet_raylet_notices`), MLflow's run links and download
     bars (unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT / MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
-    are set) and Python's deprecation warnings are not printed here. The project's own progress and messages
-    still are (``wsdan.progress``)."""
+    are set) and Python's deprecation warnings are not printed here. The project's own
+    progress and messages still are (``wsdan.progress``)."""
     import logging
     import os
     import warnings

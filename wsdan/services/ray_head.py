@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,28 +89,26 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else "ray"
 
 
-def _names_part(p: psutil.Process, part: str) -> bool:
-    """Whether one argument of ``p``'s command line is exactly ``part``."""
-    try:
-        return part in p.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _processes_naming(marker: str) -> list[psutil.Process]:
-    """Processes whose command line names ``marker`` (a node's own temp dir)."""
+def _processes_matching(match: Callable[[list[str]], bool]) -> list[psutil.Process]:
+    """Processes whose command line ``match`` accepts (this process and its parents aside:
+    the caller may name a node's temp dir too)."""
     me = psutil.Process()
-    skip = {me.pid, *(q.pid for q in me.parents())}  # the caller may name the dir too
+    skip = {me.pid, *(q.pid for q in me.parents())}
     found = []
     for p in psutil.process_iter(["cmdline"]):
         if p.pid in skip:
             continue
         try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
+            if match(p.info["cmdline"] or []):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def _processes_naming(marker: str) -> list[psutil.Process]:
+    """Processes whose command line names ``marker`` (a node's own temp dir)."""
+    return _processes_matching(lambda cmd: any(marker in part for part in cmd))
 
 
 def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -177,11 +176,10 @@ class RayHead:
         client server (``ray.util.client.server``: it names only the head's address, and
         ``ray start`` leaves it without a parent), the processes below them (Ray's agents
         rename themselves), and any process recorded when the head came up that still runs."""
-        named = _processes_naming(str(self.config.temp_dir))
-        pids = {p.pid for p in named}
-        named += [p for p in _processes_naming("ray.util.client.server")
-                  if p.pid not in pids and _names_part(p, f"--address={self.config.address}")]
-        found = _with_descendants(named)
+        temp_dir, address = str(self.config.temp_dir), f"--address={self.config.address}"
+        found = _with_descendants(_processes_matching(lambda cmd: any(
+            temp_dir in part or (part == address and "ray.util.client.server" in cmd)
+            for part in cmd)))
         pids = {p.pid for p in found}
         return found + [p for p in _recorded(self.pid_file) if p.pid not in pids]
 
